@@ -1,0 +1,1 @@
+"""Data: reading labelled text, tokenizing it, and batching it for training."""
