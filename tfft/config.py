@@ -22,6 +22,7 @@ __all__ = [
     "TrainConfig",
     "build_parser",
     "config_from_args",
+    "parse_config",
     "validate_options",
 ]
 
@@ -294,6 +295,20 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         ConfigError: when the YAML file or any option value is invalid; every
             problem is listed.
     """
+    config, problems = parse_config(argv)
+    problems += validate_options(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, list[str]]:
+    """Parses arguments and a `--config` file, without validating the values.
+
+    Returns:
+        The configuration, and the problems found in the YAML file and in the
+        types of values; `validate_options` checks the values themselves.
+    """
     parser = build_parser()
     namespace = vars(parser.parse_args(argv))
     options: dict[str, Any] = {}
@@ -303,11 +318,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         options, problems = load_yaml_options(config_path)
     options.update(namespace)
     config, coercion_problems = coerce_options(options)
-    problems += coercion_problems
-    problems += validate_options(config)
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return config, problems + coercion_problems
 
 
 def coerce_options(options: dict[str, Any]) -> tuple[TrainConfig, list[str]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 __all__ = [
     "DEMO_DIR",
+    "read_texts",
     "GLUE_TASKS",
     "TextExamples",
     "read_examples",
@@ -175,7 +176,14 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, object]]]:
     quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
     with path.open(encoding="utf-8-sig", newline="") as file:
         reader = csv.DictReader(file, delimiter=delimiter, quoting=quoting)
-        rows = list(reader)
+        rows = []
+        for row in reader:
+            if None in row:
+                hint = "an unquoted comma in a text?" if delimiter == "," else "a tab in a text?"
+                raise ValueError(
+                    f"line {reader.line_num} has more fields than the header ({hint})"
+                )
+            rows.append(row)
         return list(reader.fieldnames or []), rows
 
 
@@ -272,3 +280,37 @@ def check_labels(
         f"0..{num_labels - 1} (--num-labels {num_labels}). Raise --num-labels, or omit "
         "it to infer it from the data."
     ]
+
+
+def read_texts(path: str | Path, text_columns: list[str], option: str = "--input") -> tuple[list[dict[str, object]], list[list[str]]]:
+    """Reads the text columns of an unlabelled file, for prediction.
+
+    Returns:
+        The rows as read, and one list of texts per text column.
+
+    Raises:
+        ValueError: when the file cannot be read, is empty, or lacks a column.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"{option}: file not found: {str(path)!r}. Check the path.")
+    if file.suffix.lower() not in SUFFIXES:
+        raise ValueError(
+            f"{option}: unsupported file type {file.suffix or '(none)'!r} of {str(path)!r}. "
+            "Use .csv, .tsv or .jsonl."
+        )
+    try:
+        columns, rows = _read_rows(file)
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as error:
+        raise ValueError(f"{option}: cannot read {str(path)!r}: {error}.") from None
+    if not rows:
+        raise ValueError(f"{option}: {str(path)!r} holds no rows to predict.")
+    missing = [name for name in text_columns if name not in columns]
+    if missing:
+        raise ValueError(
+            f"{option}: {str(path)!r} lacks the text column(s) {missing} that the model was "
+            f"trained on. Columns found: {', '.join(map(repr, columns))}. Pass --text-columns "
+            "to name the columns of this file."
+        )
+    texts = [["" if row.get(name) is None else str(row.get(name)) for row in rows] for name in text_columns]
+    return rows, texts

@@ -1,0 +1,103 @@
+"""`python -m tfft.train` and `python -m tfft.predict` end to end, on a tiny BERT preset."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from tfft import predict, train
+from tfft.data.sources import DEMO_DIR
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_preset, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs") / "tiny"
+    status = train.main(
+        [
+            "--model", str(tiny_preset),
+            "--max-length", "32",
+            "--batch-size", "16",
+            "--micro-batch-size", "8",
+            "--epochs", "2",
+            "--learning-rate", "1e-3",
+            "--output-dir", str(output),
+        ]
+    )
+    assert status == 0
+    return output
+
+
+def test_run_folder_contents(tiny_run, capsys):
+    assert {p.name for p in tiny_run.iterdir()} >= {
+        "model.keras", "preprocessor", "config.yaml", "metrics.json", "logs"
+    }
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    # 240 demo examples in batches of 16: 15 updates per epoch.
+    assert metrics["updates"] == 30
+    assert metrics["train_examples"] == 240
+    assert [record["epoch"] for record in metrics["epochs"]] == [1, 2]
+    for key in ("loss", "accuracy", "f1", "val_loss", "val_accuracy", "val_f1"):
+        assert key in metrics["final"]
+    assert "grad_norm" not in metrics["final"]
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert config["num_labels"] == 2
+    assert config["text_columns"] == ["text"]
+    assert config["train_data"] == str(DEMO_DIR / "train.csv")
+
+
+def test_existing_run_is_not_overwritten(tiny_run, tiny_preset, capsys):
+    before = (tiny_run / "metrics.json").read_text()
+    status = train.main(["--model", str(tiny_preset), "--output-dir", str(tiny_run)])
+    assert status == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (tiny_run / "metrics.json").read_text() == before
+
+
+def test_predictions_match_the_saved_model(tiny_run):
+    texts = ["the food was good", "rude service and a broken room", "good"]
+    labels, probabilities = predict.Predictor.from_run(tiny_run).predict(texts)
+
+    # Independent path: the saved model, with inputs padded to the full
+    # --max-length instead of each batch's longest.
+    model = keras.saving.load_model(tiny_run / "model.keras", compile=False)
+    logits = model(model.preprocessor(x=(tf.constant(texts),)), training=False)
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(logits))
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)  # float32 attention over padding
+    np.testing.assert_array_equal(labels, expected.argmax(axis=1))
+
+
+def test_predict_command_writes_a_file(tiny_run, tmp_path, capsys):
+    source = tmp_path / "reviews.jsonl"
+    source.write_text('{"text": "good food", "id": 7}\n{"text": "stale and slow", "id": 8}\n')
+    output = tmp_path / "out.csv"
+    assert predict.main([str(tiny_run), "--input", str(source), "--output", str(output)]) == 0
+    lines = output.read_text().splitlines()
+    assert lines[0] == "text,id,predicted_label,probability_0,probability_1"
+    assert len(lines) == 3
+    probability = [float(v) for v in lines[1].split(",")[3:]]
+    assert sum(probability) == pytest.approx(1.0, abs=1e-5)
+
+    # A second run refuses to replace the file.
+    assert predict.main([str(tiny_run), "--input", str(source), "--output", str(output)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_predict_reports_missing_column(tiny_run, tmp_path, capsys):
+    source = tmp_path / "reviews.csv"
+    source.write_text("review\ngood\n")
+    assert predict.main([str(tiny_run), "--input", str(source)]) == 2
+    error = capsys.readouterr().err
+    assert "lacks the text column(s) ['text']" in error
+    assert "Columns found: 'review'" in error
+
+
+def test_max_steps_stops_mid_epoch(tiny_preset, tmp_path):
+    output = tmp_path / "run"
+    assert train.main(
+        ["--model", str(tiny_preset), "--max-steps", "3", "--max-length", "16",
+         "--output-dir", str(output)]
+    ) == 0
+    assert json.loads((output / "metrics.json").read_text())["updates"] == 3

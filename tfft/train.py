@@ -1,0 +1,319 @@
+"""The `python -m tfft.train` command: fine-tune a text classifier and save the run.
+
+The command only parses options and calls the library. Every option, data
+file and the model folder is checked before TensorFlow is imported, and every
+problem found is reported in one error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tfft.config import (
+    ConfigError,
+    TrainConfig,
+    parse_config,
+    default_run_name,
+    resolve_warmup_updates,
+    validate_options,
+)
+from tfft.data.sources import (
+    DEMO_DIR,
+    TextExamples,
+    check_labels,
+    read_examples,
+    resolve_data_paths,
+)
+from tfft.models import bundled_model_dir, check_model_folder
+
+__all__ = ["RunPlan", "RunResult", "main", "prepare_run", "run"]
+
+logger = logging.getLogger("tfft")
+
+DEFAULT_OUTPUT_ROOT = Path("saved_models")
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """A checked configuration with its data read, ready to train."""
+
+    config: TrainConfig
+    model_dir: Path
+    train: TextExamples
+    evaluation: TextExamples | None
+    num_labels: int
+    output_dir: Path
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Where a finished run saved its outputs, and its final metrics."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def prepare_run(
+    config: TrainConfig,
+    problems: list[str] | None = None,
+    now: datetime.datetime | None = None,
+) -> RunPlan:
+    """Checks every option, the model folder and the data, without TensorFlow.
+
+    Args:
+        config: The options.
+        problems: Problems already found while parsing, reported together
+            with the rest. Defaults to `None`.
+        now: Time stamp of the default run name. Defaults to `None`, now.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    problems = list(problems or []) + validate_options(config)
+    model_dir = Path(config.model) if config.model else bundled_model_dir()
+    problems += check_model_folder(model_dir)
+
+    train_spec, eval_spec, data_problems = resolve_data_paths(
+        config.train_data, config.eval_data, config.text_columns, config.label_column
+    )
+    problems += data_problems
+    train = evaluation = None
+    if train_spec is not None:
+        train, more = read_examples(train_spec, config.max_train_examples)
+        problems += more
+    if eval_spec is not None:
+        evaluation, more = read_examples(eval_spec, config.max_eval_examples)
+        problems += more
+    if train is not None and evaluation is not None and len(train.texts) != len(evaluation.texts):
+        problems.append(
+            f"--text-columns: training data has {len(train.texts)} text column(s) and "
+            f"evaluation data {len(evaluation.texts)}; both need the same form."
+        )
+
+    num_labels = config.num_labels
+    if train is not None:
+        for examples, option in ((train, "--train-data"), (evaluation, "--eval-data")):
+            if examples is not None:
+                problems += check_labels(examples, num_labels, option)
+        if num_labels is None:
+            seen = train.labels + (evaluation.labels if evaluation is not None else [])
+            num_labels = max(max(seen) + 1, 2)
+
+    if problems:
+        raise ConfigError(problems)
+
+    if config.output_dir is not None:
+        output_dir = Path(config.output_dir)
+    else:
+        model_name = "minilm-l6" if config.model is None else config.model
+        data_name = "demo-sentiment" if config.train_data is None else config.train_data
+        stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+        output_dir = DEFAULT_OUTPUT_ROOT / default_run_name(model_name, data_name, stamp)
+        if output_dir.exists() and any(output_dir.iterdir()):
+            raise ConfigError(
+                [f"--output-dir: {str(output_dir)!r} already exists; pass another --output-dir."]
+            )
+    return RunPlan(config, model_dir, train, evaluation, num_labels, output_dir)
+
+
+def run(plan: RunPlan) -> RunResult:
+    """Fine-tunes the model of `plan` and saves the run folder.
+
+    The folder holds `model.keras` (the classifier with its preprocessor),
+    `preprocessor/` (tokenizer assets), `config.yaml` (the resolved options),
+    `metrics.json` (per-epoch metrics, speed and counts) and `logs/` (TensorBoard).
+    """
+    import keras
+    import yaml
+
+    from tfft.callbacks import EvaluationTimer, StopAfterSteps, TrainingTelemetry
+    from tfft.callbacks.telemetry import UPDATE_SCALARS
+    from tfft.data.pipeline import encode_examples, make_dataset
+    from tfft.metrics import ClassF1
+    from tfft.models import load_classifier
+    from tfft.optim import WarmupSchedule, build_optimizer
+    from tfft.step import FineTuneModel
+
+    config = plan.config
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(config.precision)
+
+    logger.info("loading %s", plan.model_dir)
+    classifier = load_classifier(plan.model_dir, plan.num_labels, config.max_length, config.dropout)
+    preprocessor = classifier.preprocessor
+
+    train_encoded = encode_examples(preprocessor, plan.train)
+    eval_encoded = encode_examples(preprocessor, plan.evaluation) if plan.evaluation else None
+    for name, encoded in (("training", train_encoded), ("evaluation", eval_encoded)):
+        if encoded is not None:
+            logger.info(
+                "%s: %d examples, %d truncated to --max-length %d",
+                name,
+                len(encoded),
+                encoded.truncated,
+                config.max_length,
+            )
+
+    train_data = make_dataset(train_encoded, config.batch_size, shuffle=True, seed=config.seed)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    eval_data = (
+        make_dataset(eval_encoded, eval_batch_size, shuffle=False, seed=config.seed)
+        if eval_encoded is not None
+        else None
+    )
+
+    updates_per_epoch = math.ceil(len(train_encoded) / config.batch_size)
+    if config.max_steps is not None:
+        total_updates = config.max_steps
+        epochs = math.ceil(config.max_steps / updates_per_epoch)
+    else:
+        total_updates = updates_per_epoch * config.epochs
+        epochs = config.epochs
+    warmup_updates = resolve_warmup_updates(config.warmup, total_updates)
+    schedule = WarmupSchedule(
+        config.learning_rate, total_updates, warmup_updates, decay=config.lr_schedule
+    )
+
+    model = FineTuneModel(
+        classifier,
+        micro_batch_size=config.micro_batch_size,
+        max_grad_norm=config.max_grad_norm or None,
+    )
+    optimizer = build_optimizer(schedule, config.weight_decay, classifier.trainable_variables)
+    metrics: list[Any] = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    if plan.num_labels == 2:
+        metrics.append(ClassF1(class_id=1, name="f1"))
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=metrics,
+        jit_compile=config.jit_compile,
+    )
+
+    output_dir = plan.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = config.to_dict()
+    resolved.update(
+        model=str(plan.model_dir),
+        train_data=plan.train.source,
+        eval_data=plan.evaluation.source if plan.evaluation else None,
+        text_columns=plan.train.text_columns,
+        label_column=plan.train.label_column,
+        num_labels=plan.num_labels,
+        output_dir=str(output_dir),
+    )
+    resolved_text = yaml.safe_dump(resolved, sort_keys=False)
+    (output_dir / "config.yaml").write_text(resolved_text, encoding="utf-8")
+
+    timer = EvaluationTimer()
+    callbacks = [TrainingTelemetry(output_dir / "logs"), timer]
+    if config.max_steps is not None:
+        callbacks.append(StopAfterSteps(config.max_steps))
+    logger.info(
+        "training: %d updates (%d per epoch, batch %d, micro-batch %s), warmup %d, "
+        "peak learning rate %g, %s",
+        total_updates,
+        updates_per_epoch,
+        config.batch_size,
+        config.micro_batch_size or config.batch_size,
+        warmup_updates,
+        config.learning_rate,
+        config.precision,
+    )
+    start = time.perf_counter()
+    history = model.fit(
+        train_data,
+        validation_data=eval_data,
+        epochs=epochs,
+        callbacks=callbacks,
+        shuffle=False,  # the dataset reshuffles itself each epoch
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    fit_seconds = time.perf_counter() - start
+    train_seconds = fit_seconds - timer.seconds
+
+    classifier.save(output_dir / "model.keras")
+    preprocessor.save_to_preset(str(output_dir / "preprocessor"))
+
+    examples_seen = int(model.examples_seen.numpy())
+    epoch_records = []
+    for index in range(len(history.epoch)):
+        record = {"epoch": index + 1}
+        # Per-update signals (gradient norm, learning rate, ...) at an epoch's
+        # end describe only its last update; TensorBoard has all of them.
+        record.update(
+            {
+                key: float(values[index])
+                for key, values in history.history.items()
+                if key not in UPDATE_SCALARS
+            }
+        )
+        epoch_records.append(record)
+    final = {key: value for key, value in epoch_records[-1].items() if key != "epoch"}
+    metrics_record = {
+        "epochs": epoch_records,
+        "final": final,
+        "updates": int(model.optimizer.iterations.numpy()),
+        "skipped_steps": int(model.skipped_steps.numpy()),
+        "train_examples": len(train_encoded),
+        "eval_examples": len(eval_encoded) if eval_encoded is not None else 0,
+        "truncated_examples": {
+            "train": train_encoded.truncated,
+            "eval": eval_encoded.truncated if eval_encoded is not None else 0,
+        },
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(timer.seconds, 2),
+        "examples_per_second": round(examples_seen / max(train_seconds, 1e-9), 3),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics_record, indent=2) + "\n", encoding="utf-8")
+    return RunResult(output_dir, metrics_record)
+
+
+def _format_summary(result: RunResult) -> str:
+    final = result.metrics["final"]
+    shown = ", ".join(
+        f"{key} {value:.4f}"
+        for key, value in final.items()
+        if key.startswith("val_") or key in ("loss", "accuracy")
+    )
+    folder = result.output_dir
+    return "\n".join(
+        [
+            f"Fine-tuning finished: {shown}.",
+            f"  {result.metrics['updates']} updates, {result.metrics['skipped_steps']} skipped, "
+            f"{result.metrics['examples_per_second']:.1f} training examples per second.",
+            f"Outputs in {folder}/:",
+            f"  model.keras        the fine-tuned classifier (keras.saving.load_model)",
+            f"  metrics.json       per-epoch metrics, speed and counts",
+            f"  config.yaml        the resolved options",
+            f"  logs/              tensorboard --logdir {folder}/logs",
+            f"Predict with: python -m tfft.predict {folder} --input FILE",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command; returns the process exit status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="tfft: %(message)s")
+    try:
+        plan = prepare_run(*parse_config(argv))
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    result = run(plan)
+    print(_format_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
