@@ -99,7 +99,7 @@ def test_empty_data_file(tmp_path):
     data = write(tmp_path / "train.jsonl", "\n")
     problems = problems_of(["--train-data", data])
     assert len(problems) == 1
-    assert "holds no examples" in problems[0]
+    assert "contains no examples" in problems[0]
 
 
 def test_model_folder_not_a_checkpoint(tmp_path):

@@ -221,8 +221,9 @@ class FineTuneModel(keras.Model):
         while len(weights.shape) < len(losses.shape):
             weights = weights[..., tf.newaxis]
         weights = tf.broadcast_to(weights, tf.shape(losses))
-        # 0 * inf is NaN, so a masked element cannot hide a non-finite loss.
-        weighted_sum = tf.reduce_sum(losses * weights)
+        # A masked element (weight 0: padding, or a filler row of an uneven
+        # split) adds nothing, even when its own loss is not finite.
+        weighted_sum = tf.reduce_sum(tf.where(weights > 0, losses * weights, 0.0))
         elements_per_weight = tf.cast(tf.size(losses), tf.float32) / tf.maximum(
             tf.cast(tf.size(row_weights), tf.float32), 1.0
         )
@@ -362,8 +363,8 @@ class FineTuneModel(keras.Model):
         )
         return logs
 
-    def _track_loss(self, loss, weight_total):
-        self._loss_tracker.update_state(loss, sample_weight=weight_total)
+    def _track_loss(self, loss, element_weight):
+        self._loss_tracker.update_state(loss, sample_weight=element_weight)
         return tf.constant(True)
 
     def _apply_update(self, gradients, variables):

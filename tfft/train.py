@@ -56,7 +56,7 @@ class RunPlan:
 
 @dataclasses.dataclass
 class RunResult:
-    """Where a finished run saved its outputs, and its final metrics."""
+    """Output folder and final metrics of a finished run."""
 
     output_dir: Path
     metrics: dict[str, Any]
@@ -128,7 +128,7 @@ def prepare_run(
 def run(plan: RunPlan) -> RunResult:
     """Fine-tunes the model of `plan` and saves the run folder.
 
-    The folder holds `model.keras` (the classifier with its preprocessor),
+    The folder contains `model.keras` (the classifier with its preprocessor),
     `preprocessor/` (tokenizer assets), `config.yaml` (the resolved options),
     `metrics.json` (per-epoch metrics, speed and counts) and `logs/` (TensorBoard).
     """

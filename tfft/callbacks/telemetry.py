@@ -39,7 +39,8 @@ def memory_in_use() -> float | None:
 class TrainingTelemetry(keras.callbacks.Callback):
     """Writes every signal of the training step to TensorBoard.
 
-    Under `LOG_DIR/train`, per update (the x axis counts optimizer updates):
+    Under `LOG_DIR/train`, per training step (the x axis counts steps of this
+    `fit` call, skipped updates included, so each gets its point):
     loss, learning rate, pre-clip gradient norm, whether the update was
     clipped, loss scale, skipped updates so far, micro-batch size, examples
     and tokens per second, and memory in use. Under `LOG_DIR/validation`, per
@@ -74,11 +75,6 @@ class TrainingTelemetry(keras.callbacks.Callback):
         counter = getattr(self.model, name, None)
         return None if counter is None else int(counter.numpy())
 
-    def _update_count(self) -> int:
-        # Counts attempted updates, skipped ones included, so a skipped update
-        # still gets its point on every plot.
-        return self._updates
-
     def on_train_batch_end(self, batch, logs=None):
         self._updates += 1
         if self._updates % self.update_freq:
@@ -86,7 +82,7 @@ class TrainingTelemetry(keras.callbacks.Callback):
         logs = logs or {}
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
-        step = self._update_count()
+        step = self._updates
         with self._train_writer.as_default(step=step):
             for key, tag in UPDATE_SCALARS.items():
                 if key in logs:
@@ -106,7 +102,7 @@ class TrainingTelemetry(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        step = self._update_count()
+        step = self._updates
         with self._train_writer.as_default(step=step):
             for key, value in logs.items():
                 if not key.startswith("val_") and key not in UPDATE_SCALARS:

@@ -62,7 +62,7 @@ class TextExamples:
 
 @dataclasses.dataclass
 class DataSpec:
-    """Where one split's examples come from and which columns to read."""
+    """Source file and columns of one data split."""
 
     path: Path
     option: str
@@ -201,7 +201,7 @@ def read_examples(spec: DataSpec, max_examples: int | None = None) -> tuple[Text
         return None, [f"{option}: cannot read {str(spec.path)!r}: {error}."]
     if not rows:
         return None, [
-            f"{option}: {str(spec.path)!r} holds no examples. Pass a file with a header "
+            f"{option}: {str(spec.path)!r} contains no examples. Pass a file with a header "
             "row and at least one example."
         ]
 
@@ -304,7 +304,7 @@ def read_texts(path: str | Path, text_columns: list[str], option: str = "--input
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as error:
         raise ValueError(f"{option}: cannot read {str(path)!r}: {error}.") from None
     if not rows:
-        raise ValueError(f"{option}: {str(path)!r} holds no rows to predict.")
+        raise ValueError(f"{option}: {str(path)!r} contains no rows to predict.")
     missing = [name for name in text_columns if name not in columns]
     if missing:
         raise ValueError(
