@@ -42,6 +42,8 @@ def test_run_folder_contents(tiny_run, capsys):
     for key in ("loss", "accuracy", "f1", "val_loss", "val_accuracy", "val_f1"):
         assert key in metrics["final"]
     assert "grad_norm" not in metrics["final"]
+    assert metrics["diverged"] is False
+    assert metrics["rollbacks"] == 0
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert config["num_labels"] == 2
     assert config["text_columns"] == ["text"]

@@ -29,6 +29,7 @@ __all__ = [
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TASKS = ("classification",)
+DIVERGENCE_POLICIES = ("skip", "rollback", "stop")
 
 
 class ConfigError(ValueError):
@@ -157,6 +158,19 @@ class TrainConfig:
         None,
         "Dropout of the classification head. When absent, the model's default (0.1 "
         "for keras-hub BERT).",
+    )
+    on_divergence: str = _option(
+        "rollback",
+        "What to do after 3 bad updates in a row (non-finite, a loss spike, or a "
+        "collapsed float16 loss scale): skip (only skip them), rollback (restore the "
+        "last good snapshot and halve the learning rate), or stop (with a diagnosis).",
+        choices=DIVERGENCE_POLICIES,
+    )
+    max_rollbacks: int = _option(
+        3, "Rollbacks before the run stops with a diagnosis (policy rollback)."
+    )
+    snapshot_every: int = _option(
+        100, "Updates between snapshots of weights and optimizer state for rollbacks."
     )
     jit_compile: bool = _option(
         False, "Compile the training step with XLA."
@@ -410,8 +424,12 @@ def validate_options(config: TrainConfig) -> list[str]:
         "num_labels",
     ):
         positive_int(name)
-    for name in ("batch_size", "epochs"):
+    for name in ("batch_size", "epochs", "snapshot_every"):
         positive_int(name, allow_none=False)
+    if not isinstance(config.max_rollbacks, int) or config.max_rollbacks < 0:
+        problems.append(
+            f"--max-rollbacks: must be 0 or a positive integer, received {config.max_rollbacks!r}."
+        )
 
     if isinstance(config.max_length, int) and not 8 <= config.max_length <= 8192:
         problems.append(
@@ -462,6 +480,7 @@ def validate_options(config: TrainConfig) -> list[str]:
         ("precision", PRECISIONS),
         ("lr_schedule", LR_SCHEDULES),
         ("task", TASKS),
+        ("on_divergence", DIVERGENCE_POLICIES),
     ):
         value = getattr(config, name)
         if value not in allowed:

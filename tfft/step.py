@@ -24,7 +24,7 @@ import logging
 import keras
 import tensorflow as tf
 
-__all__ = ["FineTuneModel", "global_norm"]
+__all__ = ["FineTuneModel", "ScaledSchedule", "TrainingStopped", "global_norm"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 # which no update could ever succeed again.
 MIN_LOSS_SCALE = 2.0**-15
 
-_REFUSED_OPTIMIZER_OPTIONS = {
+_REJECTED_OPTIMIZER_OPTIONS = {
     "gradient_accumulation_steps": "micro_batch_size (the global batch is split inside the step)",
     "clipnorm": "max_grad_norm (one global norm, clipped after accumulation and unscaling)",
     "global_clipnorm": "max_grad_norm (clipped after accumulation and unscaling)",
@@ -48,10 +48,66 @@ def global_norm(tensors: list[tf.Tensor]) -> tf.Tensor:
     A float16 gradient of moderate size squares past float16's largest value
     (65504), so each tensor is cast to float32 before squaring.
     """
+    return _norms(tensors)[0]
+
+
+def _norms(tensors: list[tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns the global L2 norm of `tensors` and the norm of each, in float32."""
     squares = [tf.reduce_sum(tf.square(tf.cast(t, tf.float32))) for t in tensors]
     if not squares:
-        return tf.constant(0.0, tf.float32)
-    return tf.sqrt(tf.add_n(squares))
+        return tf.constant(0.0, tf.float32), tf.zeros([0], tf.float32)
+    squares = tf.stack(squares)
+    return tf.sqrt(tf.reduce_sum(squares)), tf.sqrt(squares)
+
+
+class TrainingStopped(Exception):
+    """Raised by a callback to end `FineTuneModel.fit` at once, like an error.
+
+    No callback's `on_train_end` runs, so that a run stopped because it
+    diverged does not look finished: `keras.callbacks.BackupAndRestore` keeps
+    its backup, and callbacks that restore "best" weights at the end do not
+    act. `FineTuneModel.fit` then returns the `History` so far, or raises
+    `error` when it is set.
+
+    Args:
+        reason: Why the run stopped.
+        error: The exception for `fit` to raise instead of returning.
+            Defaults to `None`.
+    """
+
+    def __init__(self, reason: str, error: Exception | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+
+
+@keras.saving.register_keras_serializable(package="tfft")
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning-rate schedule multiplied by a variable factor.
+
+    The factor lowers the rate after instability without replacing the
+    schedule: warmup and decay go on as before, times the factor.
+
+    Args:
+        schedule: The schedule to scale.
+        multiplier: A scalar float32 variable.
+    """
+
+    def __init__(self, schedule, multiplier):
+        self.schedule = schedule
+        self.multiplier = multiplier
+
+    def __call__(self, step):
+        return keras.ops.cast(self.schedule(step), "float32") * self.multiplier
+
+    def get_config(self):
+        # The factor belongs to one run; a reloaded optimizer starts at 1.
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "multiplier": 1.0}
+
+    @classmethod
+    def from_config(cls, config):
+        schedule = keras.saving.deserialize_keras_object(config["schedule"])
+        return cls(schedule, keras.Variable(config["multiplier"], trainable=False))
 
 
 def _add_gradient(total: tf.Tensor, gradient) -> tf.Tensor:
@@ -136,6 +192,10 @@ class FineTuneModel(keras.Model):
                 f"Received: max_grad_norm={max_grad_norm!r}"
             )
         self.model = model
+        # The wrapper adds no weights of its own that depend on the input, so
+        # it is built when the wrapped model is (BackupAndRestore checks this).
+        if model.built:
+            self.built = True
         self._micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
         self.skipped_steps = self.add_weight(
@@ -148,7 +208,17 @@ class FineTuneModel(keras.Model):
         self.tokens_seen = self.add_weight(
             shape=(), dtype="int64", initializer="zeros", trainable=False, name="tokens_seen"
         )
+        # Multiplies the learning-rate schedule (see `scale_learning_rate`).
+        self.learning_rate_multiplier = self.add_weight(
+            shape=(),
+            dtype="float32",
+            initializer="ones",
+            trainable=False,
+            name="learning_rate_multiplier",
+        )
         self._per_element_loss = None
+        self._gradient_norms = None
+        self._last_finite_gradient_norms = None
 
     @property
     def micro_batch_size(self) -> int | None:
@@ -174,7 +244,7 @@ class FineTuneModel(keras.Model):
         """
         optimizer = keras.optimizers.get(optimizer)
         inner = getattr(optimizer, "inner_optimizer", optimizer)
-        for option, replacement in _REFUSED_OPTIMIZER_OPTIONS.items():
+        for option, replacement in _REJECTED_OPTIMIZER_OPTIONS.items():
             value = getattr(inner, option, None)
             if value:
                 raise ValueError(
@@ -196,6 +266,15 @@ class FineTuneModel(keras.Model):
                 f"Received a strategy with {self.distribute_strategy.num_replicas_in_sync} "
                 "replicas; train on one device."
             )
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        # Keras keeps the schedule object only in the private `_learning_rate`;
+        # the public `learning_rate` returns its current value.
+        schedule = getattr(inner, "_learning_rate", None)
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule) and not isinstance(
+            schedule, ScaledSchedule
+        ):
+            inner.learning_rate = ScaledSchedule(schedule, self.learning_rate_multiplier)
+        self.learning_rate_multiplier.assign(1.0)
         loss_object = keras.losses.get(loss)
         if isinstance(loss_object, keras.losses.Loss):
             # `Loss.call` returns the loss of each element, before reduction.
@@ -243,6 +322,56 @@ class FineTuneModel(keras.Model):
         if unbuilt:
             with tf.init_scope():
                 self._symbolic_build(data_batch=data)
+        if self._gradient_norms is None:
+            with tf.init_scope():
+                count = len(self.trainable_variables)
+                # Norm of each variable's gradient at the latest update, and at
+                # the latest update whose gradient was finite, for diagnoses.
+                self._gradient_norms = tf.Variable(tf.zeros([count]), trainable=False)
+                self._last_finite_gradient_norms = tf.Variable(tf.zeros([count]), trainable=False)
+
+    def scale_learning_rate(self, factor: float) -> float:
+        """Multiplies the learning rate by `factor` on top of its schedule.
+
+        With a schedule, a multiplier variable scales it; with a constant
+        learning rate, the optimizer's learning-rate variable itself is
+        scaled. Either way the traced step reads the new value at once.
+
+        Returns:
+            The multiplier now in effect, relative to the compiled learning rate.
+        """
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        new_multiplier = float(self.learning_rate_multiplier.numpy()) * factor
+        if not isinstance(inner._learning_rate, ScaledSchedule):
+            inner.learning_rate = float(inner.learning_rate) * factor
+        self.learning_rate_multiplier.assign(new_multiplier)
+        return new_multiplier
+
+    def training_state(self) -> list[keras.Variable]:
+        """Returns the variables a snapshot must hold to resume training exactly.
+
+        These are the wrapped model's weights and the optimizer's variables
+        (update count, moments, loss scale). A constant learning rate, which
+        Keras keeps as an optimizer variable, is left out: it is a setting
+        that `scale_learning_rate` lowers, not state to roll back.
+        """
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        rate = getattr(inner, "_learning_rate", None)
+        optimizer_state = [v for v in self.optimizer.variables if v is not rate]
+        return list(self.model.weights) + optimizer_state
+
+    def gradient_norms(self, finite_only: bool = False) -> dict[str, float]:
+        """Returns the gradient norm of each trainable variable, by variable path.
+
+        Args:
+            finite_only: Read the norms of the latest update whose gradient
+                was finite instead of the latest update. Defaults to `False`.
+        """
+        norms = self._last_finite_gradient_norms if finite_only else self._gradient_norms
+        if norms is None:
+            return {}
+        values = norms.numpy()
+        return {v.path: float(x) for v, x in zip(self.trainable_variables, values)}
 
     def train_step(self, data):
         self._ensure_built(data)
@@ -314,7 +443,8 @@ class FineTuneModel(keras.Model):
             gradients = [g / loss_scale for g in gradients]
 
         # Phase 3: global norm in float32, before clipping, on the true gradient.
-        grad_norm = global_norm(gradients)
+        grad_norm, variable_norms = _norms(gradients)
+        self._gradient_norms.assign(variable_norms)
 
         # Phase 4: an update with a non-finite loss or gradient is skipped. The
         # norm is non-finite exactly when some gradient element is (or when the
@@ -363,11 +493,34 @@ class FineTuneModel(keras.Model):
         )
         return logs
 
+    def fit(self, *args, **kwargs):
+        """Trains the model, as `keras.Model.fit`.
+
+        A callback can end training at once by raising `TrainingStopped`;
+        `fit` then returns the `History` so far, or raises the error the
+        callback attached.
+        """
+        # Keras' History callback attaches itself at each epoch's end; clear a
+        # previous call's, so a stop in the first epoch returns an empty one.
+        self.history = None
+        try:
+            return super().fit(*args, **kwargs)
+        except TrainingStopped as stopped:
+            if stopped.error is not None:
+                raise stopped.error from None
+            logger.warning("training stopped: %s", stopped.reason)
+            if self.history is None:
+                self.history = keras.callbacks.History()
+                self.history.set_model(self)
+                self.history.epoch = []
+            return self.history
+
     def _track_loss(self, loss, element_weight):
         self._loss_tracker.update_state(loss, sample_weight=element_weight)
         return tf.constant(True)
 
     def _apply_update(self, gradients, variables):
+        self._last_finite_gradient_norms.assign(self._gradient_norms)
         if self._uses_loss_scale:
             # LossScaleOptimizer unscales what it receives and counts clean steps
             # toward growing the scale; hand it the clipped gradient rescaled by

@@ -135,7 +135,7 @@ def run(plan: RunPlan) -> RunResult:
     import keras
     import yaml
 
-    from tfft.callbacks import EvaluationTimer, StopAfterSteps, TrainingTelemetry
+    from tfft.callbacks import EvaluationTimer, NonFiniteGuard, StopAfterSteps, TrainingTelemetry
     from tfft.callbacks.telemetry import UPDATE_SCALARS
     from tfft.data.pipeline import encode_examples, make_dataset
     from tfft.metrics import ClassF1
@@ -215,7 +215,14 @@ def run(plan: RunPlan) -> RunResult:
     (output_dir / "config.yaml").write_text(resolved_text, encoding="utf-8")
 
     timer = EvaluationTimer()
-    callbacks = [TrainingTelemetry(output_dir / "logs"), timer]
+    guard = NonFiniteGuard(
+        config.on_divergence,
+        max_rollbacks=config.max_rollbacks,
+        snapshot_every=config.snapshot_every,
+        diagnosis_dir=output_dir,
+        log_dir=output_dir / "logs",
+    )
+    callbacks = [guard, TrainingTelemetry(output_dir / "logs"), timer]
     if config.max_steps is not None:
         callbacks.append(StopAfterSteps(config.max_steps))
     logger.info(
@@ -258,8 +265,15 @@ def run(plan: RunPlan) -> RunResult:
             }
         )
         epoch_records.append(record)
-    final = {key: value for key, value in epoch_records[-1].items() if key != "epoch"}
+    final = (
+        {key: value for key, value in epoch_records[-1].items() if key != "epoch"}
+        if epoch_records
+        else {}
+    )
     metrics_record = {
+        "diverged": guard.diagnosis is not None,
+        "rollbacks": guard.rollbacks,
+        "bad_updates": guard.bad_updates,
         "epochs": epoch_records,
         "final": final,
         "updates": int(model.optimizer.iterations.numpy()),
@@ -279,6 +293,13 @@ def run(plan: RunPlan) -> RunResult:
 
 
 def _format_summary(result: RunResult) -> str:
+    if result.metrics["diverged"]:
+        return "\n".join(
+            [
+                f"Training diverged and stopped; the diagnosis is in {result.output_dir}/diagnosis.json.",
+                f"The model saved in {result.output_dir}/model.keras is the last good state.",
+            ]
+        )
     final = result.metrics["final"]
     shown = ", ".join(
         f"{key} {value:.4f}"
@@ -312,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = run(plan)
     print(_format_summary(result))
-    return 0
+    return 1 if result.metrics["diverged"] else 0
 
 
 if __name__ == "__main__":

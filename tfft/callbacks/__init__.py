@@ -1,6 +1,13 @@
 """Callbacks that observe a run and decide; the training step itself stays in `tfft.step`."""
 
 from tfft.callbacks.control import EvaluationTimer, StopAfterSteps
+from tfft.callbacks.nonfinite import DivergenceError, NonFiniteGuard
 from tfft.callbacks.telemetry import TrainingTelemetry
 
-__all__ = ["EvaluationTimer", "StopAfterSteps", "TrainingTelemetry"]
+__all__ = [
+    "DivergenceError",
+    "EvaluationTimer",
+    "NonFiniteGuard",
+    "StopAfterSteps",
+    "TrainingTelemetry",
+]
