@@ -11,6 +11,8 @@ import tensorflow as tf
 from tfft import FineTuneModel
 from tfft.callbacks import DivergenceError, NonFiniteGuard
 
+from helpers import read_scalars
+
 
 def tiny_model(seed=0, learning_rate=0.05, optimizer=None):
     keras.utils.set_random_seed(seed)
@@ -77,7 +79,8 @@ def test_rollback_restores_snapshot_exactly(on_disk, tmp_path):
         "rollback",
         patience=3,
         snapshot_every=4,
-        snapshot_dir=tmp_path if on_disk else None,
+        snapshot_dir=tmp_path / "snapshots" if on_disk else None,
+        log_dir=tmp_path / "logs",
     )
     # Steps 7, 8 and 9 are non-finite: after the third, roll back to the
     # snapshot of update 4 (the one at update 8 was never taken).
@@ -94,6 +97,11 @@ def test_rollback_restores_snapshot_exactly(on_disk, tmp_path):
     # The next update runs at half the learning rate.
     assert recorder.logs[9]["learning_rate"] == pytest.approx(0.025)
     assert int(model.optimizer.iterations.numpy()) == 4 + 3
+
+    scalars = read_scalars(tmp_path / "logs" / "train")
+    assert scalars["bad_updates"][-1] == (12, 3.0)
+    assert scalars["rollbacks"][8] == (9, 1.0)
+    assert scalars["learning_rate_multiplier"][7:10] == [(8, 1.0), (9, 0.5), (10, 0.5)]
 
 
 def test_exploding_learning_rate_rolls_back_then_stops(tmp_path):

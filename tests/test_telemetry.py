@@ -7,17 +7,7 @@ import tensorflow as tf
 from tfft import FineTuneModel
 from tfft.callbacks import TrainingTelemetry
 
-
-def read_scalars(folder):
-    scalars = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for record in tf.data.TFRecordDataset(str(path)):
-            event = tf.compat.v1.Event.FromString(record.numpy())
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append(
-                    (event.step, float(tf.make_ndarray(value.tensor)))
-                )
-    return scalars
+from helpers import read_scalars
 
 
 class RecordLosses(keras.callbacks.Callback):
