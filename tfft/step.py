@@ -126,6 +126,22 @@ def _add_gradient(total: tf.Tensor, gradient) -> tf.Tensor:
     return total + tf.cast(gradient, tf.float32)
 
 
+def _slice_micro_batch(index, micro, batch_size, x, y, row_weights):
+    """Returns micro-batch `index` of a batch: its inputs, targets and weights.
+
+    An uneven split fills the last micro-batch up with copies of earlier rows
+    at weight 0, so every micro-batch has the same static shape.
+    """
+    positions = index * micro + tf.range(micro)
+    rows = positions % batch_size
+    x_micro = tf.nest.map_structure(lambda t: tf.gather(t, rows), x)
+    y_micro = tf.nest.map_structure(lambda t: tf.gather(t, rows), y)
+    in_batch = tf.cast(positions < batch_size, tf.float32)
+    weights_micro = tf.gather(row_weights, rows)
+    weights_micro *= tf.reshape(in_batch, [-1] + [1] * (len(weights_micro.shape) - 1))
+    return x_micro, y_micro, weights_micro
+
+
 @keras.saving.register_keras_serializable(package="tfft")
 class FineTuneModel(keras.Model):
     """Wraps a Keras model with tfft's training step.
@@ -177,20 +193,16 @@ class FineTuneModel(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if micro_batch_size is not None and (
-            isinstance(micro_batch_size, bool)
-            or not isinstance(micro_batch_size, int)
-            or micro_batch_size < 1
-        ):
-            raise ValueError(
-                "`micro_batch_size` must be a positive integer or None. "
-                f"Received: micro_batch_size={micro_batch_size!r}"
-            )
+        self._check_size("micro_batch_size", micro_batch_size)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(
                 "`max_grad_norm` must be a positive number or None (no clipping). "
                 f"Received: max_grad_norm={max_grad_norm!r}"
             )
+        self._step_version = 0
+        self._eval_micro_batch_size = None
+        # Set by `tfft.callbacks.OOMRetry` while it is active (see `_make_retrying_function`).
+        self.out_of_memory_handler = None
         self.model = model
         # The wrapper adds no weights of its own that depend on the input, so
         # it is built when the wrapped model is (BackupAndRestore checks this).
@@ -227,9 +239,27 @@ class FineTuneModel(keras.Model):
     @micro_batch_size.setter
     def micro_batch_size(self, value: int | None) -> None:
         # The size is a Python constant of the traced step, so that XLA sees
-        # static shapes; a new size needs a new trace.
+        # static shapes; the train function traces the step anew on its next
+        # call (see `_make_retrying_function`).
+        self._check_size("micro_batch_size", value)
         self._micro_batch_size = value
-        self.train_function = None
+        self._step_version += 1
+
+    @property
+    def eval_micro_batch_size(self) -> int | None:
+        """Examples per forward pass in evaluation; `None` evaluates a batch in one pass."""
+        return self._eval_micro_batch_size
+
+    @eval_micro_batch_size.setter
+    def eval_micro_batch_size(self, value: int | None) -> None:
+        self._check_size("eval_micro_batch_size", value)
+        self._eval_micro_batch_size = value
+        self._step_version += 1
+
+    @staticmethod
+    def _check_size(name: str, value) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` must be a positive integer or None. Received: {name}={value!r}")
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
@@ -287,6 +317,12 @@ class FineTuneModel(keras.Model):
     @property
     def _uses_loss_scale(self) -> bool:
         return isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+
+    @staticmethod
+    def _micro_size(configured: int | None, batch_size: tf.Tensor) -> tf.Tensor:
+        if configured is None:
+            return batch_size
+        return tf.minimum(configured, batch_size)
 
     def _weighted_loss_sum(self, y, y_pred, row_weights):
         """Returns sum(w * loss) over one batch and the number of loss elements per row.
@@ -386,26 +422,14 @@ class FineTuneModel(keras.Model):
         weight_total = tf.reduce_sum(row_weights)
 
         variables = self.trainable_variables
-        if self._micro_batch_size is None:
-            micro = batch_size
-        else:
-            micro = tf.minimum(self._micro_batch_size, batch_size)
+        micro = self._micro_size(self._micro_batch_size, batch_size)
         num_micro_batches = (batch_size + micro - 1) // micro
         loss_scale = self.optimizer.dynamic_scale if self._uses_loss_scale else None
 
-        # Phase 1: forward and backward pass of each micro-batch. The last
-        # micro-batch of an uneven split is filled up with copies of earlier rows
-        # at weight 0, so every micro-batch has the same static shape.
+        # Phase 1: forward and backward pass of each micro-batch, one at a time.
         def micro_batch_step(index, gradient_sums, loss_total, element_total):
-            positions = index * micro + tf.range(micro)
-            in_batch = positions < batch_size
-            rows = positions % batch_size
-            x_micro = tf.nest.map_structure(lambda t: tf.gather(t, rows), x)
-            y_micro = tf.nest.map_structure(lambda t: tf.gather(t, rows), y)
-            weights_micro = tf.gather(row_weights, rows)
-            weights_micro *= tf.reshape(
-                tf.cast(in_batch, tf.float32),
-                [-1] + [1] * (len(weights_micro.shape) - 1),
+            x_micro, y_micro, weights_micro = _slice_micro_batch(
+                index, micro, batch_size, x, y, row_weights
             )
             with tf.GradientTape() as tape:
                 y_pred = self(x_micro, training=True)
@@ -493,6 +517,68 @@ class FineTuneModel(keras.Model):
         )
         return logs
 
+    def make_train_function(self, force=False):
+        if self.train_function is None or force:
+            self.train_function = self._make_retrying_function(self.train_step, "training")
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        if self.test_function is None or force:
+            self.test_function = self._make_retrying_function(self.test_step, "evaluation")
+        return self.test_function
+
+    def _make_retrying_function(self, step, kind: str):
+        """Builds Keras' train or test function, able to rerun a batch after out of memory.
+
+        Unlike Keras' own, the function takes each batch from the iterator in
+        Python and then runs the traced step on it, so that after a
+        `tf.errors.ResourceExhaustedError` the same batch can run again, split
+        into smaller micro-batches, without skipping data. It traces the step
+        anew whenever a micro-batch size changed.
+        """
+        compiled = {"version": None, "step": None}
+
+        def current_step():
+            if compiled["version"] != self._step_version:
+                # Dropping the old traced function frees its graphs.
+                compiled["step"] = (
+                    step
+                    if self.run_eagerly
+                    else tf.function(step, reduce_retracing=True, jit_compile=self.jit_compile)
+                )
+                compiled["version"] = self._step_version
+            return compiled["step"]
+
+        def run_step(data):
+            while True:
+                handler = self.out_of_memory_handler
+                saved = [v.numpy() for v in self.metrics_variables] if handler else None
+                try:
+                    return current_step()(data)
+                except tf.errors.ResourceExhaustedError as error:
+                    if handler is None:
+                        raise
+                    # The failed attempt may have updated metrics for some
+                    # micro-batches; the retry counts the batch once.
+                    for variable, value in zip(self.metrics_variables, saved):
+                        variable.assign(value)
+                    # Raises when no smaller size is left; else sets one.
+                    handler.on_out_of_memory(self, error, kind, data)
+
+        def function(iterator):
+            outputs = None
+            for _ in range(self.steps_per_execution):
+                try:
+                    data = next(iterator)
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    if outputs is None:
+                        raise StopIteration from None
+                    break
+                outputs = run_step(data)
+            return outputs
+
+        return function
+
     def fit(self, *args, **kwargs):
         """Trains the model, as `keras.Model.fit`.
 
@@ -541,23 +627,41 @@ class FineTuneModel(keras.Model):
         return tf.constant(False)
 
     def test_step(self, data):
+        self._ensure_built(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
         if sample_weight is None:
             row_weights = tf.ones([batch_size], tf.float32)
         else:
             row_weights = tf.cast(sample_weight, tf.float32)
-        y_pred = self(x, training=False)
-        weighted_sum, elements_per_weight, y_pred = self._weighted_loss_sum(
-            y, y_pred, row_weights
+        micro = self._micro_size(self._eval_micro_batch_size, batch_size)
+        num_micro_batches = (batch_size + micro - 1) // micro
+
+        # Evaluation splits a batch only to fit in memory (after out of
+        # memory); the loss is the same sum over all elements either way.
+        def micro_batch_step(index, weighted_total, element_total):
+            x_micro, y_micro, weights_micro = _slice_micro_batch(
+                index, micro, batch_size, x, y, row_weights
+            )
+            y_pred = self(x_micro, training=False)
+            weighted_sum, elements_per_weight, y_pred = self._weighted_loss_sum(
+                y_micro, y_pred, weights_micro
+            )
+            if self._compile_metrics is not None:
+                self._compile_metrics.update_state(y_micro, y_pred, weights_micro)
+            element_total += tf.reduce_sum(weights_micro) * elements_per_weight
+            return index + 1, weighted_total + weighted_sum, element_total
+
+        _, weighted_total, element_total = tf.while_loop(
+            lambda index, *_: index < num_micro_batches,
+            micro_batch_step,
+            (tf.constant(0), tf.constant(0.0), tf.constant(0.0)),
+            parallel_iterations=1,
         )
-        weight_total = tf.reduce_sum(row_weights) * elements_per_weight
-        loss = tf.math.divide_no_nan(weighted_sum, weight_total)
+        loss = tf.math.divide_no_nan(weighted_total, element_total)
         # Weighting each batch's mean by its total weight makes the epoch's loss
         # the mean over all evaluated elements.
-        self._loss_tracker.update_state(loss, sample_weight=weight_total)
-        if self._compile_metrics is not None:
-            self._compile_metrics.update_state(y, y_pred, row_weights)
+        self._loss_tracker.update_state(loss, sample_weight=element_total)
         return self.get_metrics_result()
 
     def get_config(self):
