@@ -44,6 +44,8 @@ def test_run_folder_contents(tiny_run, capsys):
     assert "grad_norm" not in metrics["final"]
     assert metrics["diverged"] is False
     assert metrics["rollbacks"] == 0
+    assert metrics["micro_batch_changes"] == []
+    assert metrics["micro_batch_size"] == 8
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert config["num_labels"] == 2
     assert config["text_columns"] == ["text"]
@@ -103,3 +105,23 @@ def test_max_steps_stops_mid_epoch(tiny_preset, tmp_path):
          "--output-dir", str(output)]
     ) == 0
     assert json.loads((output / "metrics.json").read_text())["updates"] == 3
+
+
+def test_find_batch_size_option(tiny_preset, tmp_path, caplog):
+    output = tmp_path / "run"
+    caplog.set_level("INFO")
+    assert train.main(
+        ["--model", str(tiny_preset), "--max-steps", "1", "--max-length", "16", "--batch-size", "8",
+         "--find-batch-size", "--output-dir", str(output)]
+    ) == 0
+    # Everything fits on this tiny model, so the whole batch is one pass.
+    assert "largest micro-batch that fits at 16 tokens, with a 10% margin: 8" in caplog.text
+    assert json.loads((output / "metrics.json").read_text())["micro_batch_size"] is None
+
+
+def test_summary_names_this_python(tiny_run, capsys, tiny_preset, tmp_path):
+    train.main(["--model", str(tiny_preset), "--max-steps", "1", "--max-length", "16",
+                "--output-dir", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert f"Predict with: {train._python_command()} -m tfft.predict" in printed
+    assert "preprocessor/" in printed

@@ -155,3 +155,30 @@ def test_command_reports_before_importing_tensorflow(tmp_path):
 def test_main_returns_2_on_bad_input(tmp_path, capsys):
     assert main(["--train-data", str(tmp_path / "x.csv")]) == 2
     assert "file or folder not found" in capsys.readouterr().err
+
+
+def test_columns_given_for_demo_or_glue_are_checked(tmp_path):
+    problems = problems_of(["--text-columns", "review"])
+    assert len(problems) == 2  # demo train.csv and dev.csv
+    assert "column 'review' not found" in problems[0]
+    assert "Columns found: 'text', 'label'" in problems[0]
+
+
+def test_glue_folder_takes_user_columns(glue_dir):
+    problems = problems_of(["--train-data", str(glue_dir / "MRPC"), "--label-column", "stars"])
+    assert "--label-column: column 'stars' not found" in problems[0]
+
+
+def test_help_has_no_contradictory_default():
+    help_text = " ".join(build_parser().format_help().split())
+    assert "When absent, 'label'. Defaults to none." not in help_text
+    assert "--oom-retry, --no-oom-retry" in help_text
+
+
+def test_demo_recipe_applies_only_without_training_data():
+    demo, _ = parse_config([])
+    assert (demo.batch_size, demo.learning_rate, demo.epochs) == (16, 1e-4, 4)
+    given, _ = parse_config(["--batch-size", "8"])
+    assert (given.batch_size, given.learning_rate) == (8, 1e-4)
+    own_data, _ = parse_config(["--train-data", "reviews.csv"])
+    assert (own_data.batch_size, own_data.learning_rate, own_data.epochs) == (32, 5e-5, 3)

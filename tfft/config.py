@@ -29,6 +29,13 @@ __all__ = [
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TASKS = ("classification",)
+
+# Options of the embedded demo (no --train-data) unless given: the demo has
+# 240 short sentences, too few updates at the general defaults for the
+# bundled MiniLM's classification head to learn (dev accuracy 0.66 after 3
+# epochs at batch 32 and 5e-5, against 0.93 with these, measured on the demo
+# data).
+DEMO_RECIPE = {"batch_size": 16, "learning_rate": 1e-4, "epochs": 4}
 DIVERGENCE_POLICIES = ("skip", "rollback", "stop")
 
 
@@ -172,6 +179,16 @@ class TrainConfig:
     snapshot_every: int = _option(
         100, "Updates between snapshots of weights and optimizer state for rollbacks."
     )
+    oom_retry: bool = _option(
+        True,
+        "After an out-of-memory error, run the same batch again in micro-batches half "
+        "as large; the effective batch stays --batch-size.",
+    )
+    find_batch_size: bool = _option(
+        False,
+        "Before training, find the largest micro-batch whose forward and backward pass "
+        "fits in memory on the longest examples at --max-length, and use it.",
+    )
     jit_compile: bool = _option(
         False, "Compile the training step with XLA."
     )
@@ -225,7 +242,10 @@ def build_parser(prog: str = "python -m tfft.train") -> argparse.ArgumentParser:
         prog=prog,
         description=(
             "Fine-tune a language model. With no arguments, fine-tunes the bundled "
-            "MiniLM on the bundled sentiment demo data, offline."
+            "MiniLM on the bundled sentiment demo data, offline. Without --train-data "
+            "the demo recipe applies to the options not given: "
+            + ", ".join(f"{flag_name(k)} {v:g}" for k, v in DEMO_RECIPE.items())
+            + "."
         ),
         argument_default=argparse.SUPPRESS,
     )
@@ -238,7 +258,10 @@ def build_parser(prog: str = "python -m tfft.train") -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         base, _ = _base_type(hints[field.name])
-        help_text = f"{field.metadata['help']} Defaults to {_format_default(field.default)}."
+        help_text = field.metadata["help"]
+        # Options whose help says what happens "when absent" need no "Defaults to none".
+        if not (field.default is None and "When absent" in help_text):
+            help_text += f" Defaults to {_format_default(field.default)}."
         kwargs: dict[str, Any] = {"help": help_text}
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
@@ -331,6 +354,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, list[str]]
     if config_path is not None:
         options, problems = load_yaml_options(config_path)
     options.update(namespace)
+    if options.get("train_data") is None:
+        options = {**DEMO_RECIPE, **options}
     config, coercion_problems = coerce_options(options)
     return config, problems + coercion_problems
 

@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.batch_size < 1:
         problems.append(f"--batch-size: must be a positive integer, received {args.batch_size}.")
+    if not Path(args.input).is_file():
+        problems.append(f"--input: file not found: {args.input!r}. Check the path.")
     if not problems:
         import yaml
 
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     labels, probabilities = predictor.predict(list(zip(*columns)) if len(columns) > 1 else columns[0], args.batch_size)
     _write_predictions(output, rows, labels, probabilities)
     counts = np.bincount(labels, minlength=probabilities.shape[1])
-    print(f"Wrote {len(labels)} predictions to {output} (per label: {counts.tolist()}).")
+    per_label = ", ".join(f"label {label}: {count}" for label, count in enumerate(counts.tolist()))
+    print(f"Wrote {len(labels)} predictions to {output} ({per_label}).")
     return 0
 
 

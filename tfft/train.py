@@ -133,9 +133,17 @@ def run(plan: RunPlan) -> RunResult:
     `metrics.json` (per-epoch metrics, speed and counts) and `logs/` (TensorBoard).
     """
     import keras
+    import numpy as np
     import yaml
 
-    from tfft.callbacks import EvaluationTimer, NonFiniteGuard, StopAfterSteps, TrainingTelemetry
+    from tfft.batch_size import find_micro_batch_size, memory_probe
+    from tfft.callbacks import (
+        EvaluationTimer,
+        NonFiniteGuard,
+        OOMRetry,
+        StopAfterSteps,
+        TrainingTelemetry,
+    )
     from tfft.callbacks.telemetry import UPDATE_SCALARS
     from tfft.data.pipeline import encode_examples, make_dataset
     from tfft.metrics import ClassF1
@@ -199,6 +207,20 @@ def run(plan: RunPlan) -> RunResult:
         jit_compile=config.jit_compile,
     )
 
+    if config.find_batch_size:
+        # Probe with the longest training examples, padded to --max-length.
+        lengths = train_encoded.features["padding_mask"].sum(axis=1)
+        longest = np.argsort(lengths)[-4:]
+        features = {name: value[longest] for name, value in train_encoded.features.items()}
+        fits = memory_probe(model, features, train_encoded.labels[longest])
+        size = find_micro_batch_size(fits, max_size=config.batch_size)
+        model.micro_batch_size = None if size >= config.batch_size else size
+        logger.info(
+            "largest micro-batch that fits at %d tokens, with a 10%% margin: %d",
+            config.max_length,
+            size,
+        )
+
     output_dir = plan.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = config.to_dict()
@@ -223,15 +245,18 @@ def run(plan: RunPlan) -> RunResult:
         log_dir=output_dir / "logs",
     )
     callbacks = [guard, TrainingTelemetry(output_dir / "logs"), timer]
+    oom_retry = OOMRetry(log_dir=output_dir / "logs") if config.oom_retry else None
+    if oom_retry is not None:
+        callbacks.append(oom_retry)
     if config.max_steps is not None:
         callbacks.append(StopAfterSteps(config.max_steps))
     logger.info(
-        "training: %d updates (%d per epoch, batch %d, micro-batch %s), warmup %d, "
+        "training: %d update(s) (%d per epoch, batch %d, micro-batch %s), warmup %d, "
         "peak learning rate %g, %s",
         total_updates,
         updates_per_epoch,
         config.batch_size,
-        config.micro_batch_size or config.batch_size,
+        model.micro_batch_size or config.batch_size,
         warmup_updates,
         config.learning_rate,
         config.precision,
@@ -272,6 +297,10 @@ def run(plan: RunPlan) -> RunResult:
     )
     metrics_record = {
         "diverged": guard.diagnosis is not None,
+        "micro_batch_size": model.micro_batch_size,
+        "micro_batch_changes": [change["message"] for change in oom_retry.changes]
+        if oom_retry is not None
+        else [],
         "rollbacks": guard.rollbacks,
         "bad_updates": guard.bad_updates,
         "epochs": epoch_records,
@@ -314,12 +343,22 @@ def _format_summary(result: RunResult) -> str:
             f"{result.metrics['examples_per_second']:.1f} training examples per second.",
             f"Outputs in {folder}/:",
             f"  model.keras        the fine-tuned classifier (keras.saving.load_model)",
+            f"  preprocessor/      the tokenizer assets",
             f"  metrics.json       per-epoch metrics, speed and counts",
             f"  config.yaml        the resolved options",
             f"  logs/              tensorboard --logdir {folder}/logs",
-            f"Predict with: python -m tfft.predict {folder} --input FILE",
+            f"Predict with: {_python_command()} -m tfft.predict {folder} --input FILE",
         ]
     )
+
+
+def _python_command() -> str:
+    """Returns how to call this Python: relative when it lives under the working folder."""
+    executable = Path(sys.executable)
+    try:
+        return str(executable.relative_to(Path.cwd()))
+    except ValueError:
+        return str(executable)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,15 @@
 
 from tfft.callbacks.control import EvaluationTimer, StopAfterSteps
 from tfft.callbacks.nonfinite import DivergenceError, NonFiniteGuard
+from tfft.callbacks.oom import OOMRetry, OutOfMemoryError
 from tfft.callbacks.telemetry import TrainingTelemetry
 
 __all__ = [
     "DivergenceError",
     "EvaluationTimer",
     "NonFiniteGuard",
+    "OOMRetry",
+    "OutOfMemoryError",
     "StopAfterSteps",
     "TrainingTelemetry",
 ]

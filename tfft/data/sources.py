@@ -95,8 +95,11 @@ def resolve_data_paths(
     """
     problems: list[str] = []
     if train_data is None:
-        train = DataSpec(DEMO_DIR / "train.csv", "--train-data", ["text"], "label")
-        evaluation = DataSpec(DEMO_DIR / "dev.csv", "--eval-data", ["text"], "label")
+        # Columns the user names still apply, and are checked, as for any file.
+        columns = text_columns or ["text"]
+        label = label_column or "label"
+        train = DataSpec(DEMO_DIR / "train.csv", "--train-data", columns, label)
+        evaluation = DataSpec(DEMO_DIR / "dev.csv", "--eval-data", columns, label)
         if eval_data is not None:
             evaluation, more = _resolve_one(eval_data, "--eval-data", "dev", text_columns, label_column)
             problems += more
@@ -139,8 +142,14 @@ def _resolve_one(
                 f"{option}: the GLUE folder {value!r} has no {split}.tsv. "
                 "Pass the folder as the benchmark distributes it."
             ]
+        # The task's columns, unless the user names others.
         columns = GLUE_TASKS[task]
-        return DataSpec(file, option, list(columns["text_columns"]), columns["label_column"]), []
+        return DataSpec(
+            file,
+            option,
+            text_columns or list(columns["text_columns"]),
+            label_column or columns["label_column"],
+        ), []
     if path.suffix.lower() not in SUFFIXES:
         return None, [
             f"{option}: unsupported file type {path.suffix or '(none)'!r} of {value!r}. "
