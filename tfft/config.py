@@ -37,6 +37,7 @@ TASKS = ("classification",)
 # data).
 DEMO_RECIPE = {"batch_size": 16, "learning_rate": 1e-4, "epochs": 4}
 DIVERGENCE_POLICIES = ("skip", "rollback", "stop")
+OVERFITTING_ACTIONS = ("warn", "stop", "restore_best")
 
 
 class ConfigError(ValueError):
@@ -147,9 +148,17 @@ class TrainConfig:
     )
     weight_decay: float = _option(
         0.01,
-        "Decoupled (AdamW) weight decay; biases and layer-normalization scales and "
-        "offsets are not decayed.",
+        "Decoupled (AdamW) weight decay; biases, normalization scales and offsets, and "
+        "embeddings are not decayed (see --weight-decay-exclude, --decay-embeddings).",
     )
+    weight_decay_exclude: list[str] | None = _option(
+        None,
+        "Regular expressions of variable paths to exclude from weight decay, replacing the "
+        "defaults; each must match some variable. When absent: biases, normalization "
+        "gamma and beta.",
+        metavar="PATTERN",
+    )
+    decay_embeddings: bool = _option(False, "Apply weight decay to embedding tables too.")
     max_grad_norm: float | None = _option(
         1.0,
         "Clip the global gradient norm to this value, after accumulation and "
@@ -163,8 +172,8 @@ class TrainConfig:
     )
     dropout: float | None = _option(
         None,
-        "Dropout of the classification head. When absent, the model's default (0.1 "
-        "for keras-hub BERT).",
+        "Dropout rate of the backbone (embeddings, attention, feed-forward) and of the "
+        "classification head. When absent, the model's own (0.1 for BERT).",
     )
     on_divergence: str = _option(
         "rollback",
@@ -178,6 +187,29 @@ class TrainConfig:
     )
     snapshot_every: int = _option(
         100, "Updates between snapshots of weights and optimizer state for rollbacks."
+    )
+    overfitting_action: str = _option(
+        "restore_best",
+        "What to do when the validation loss stays more than --gap-threshold above the "
+        "training loss, or --monitor stops improving while the training loss falls, for 3 "
+        "evaluations: warn, stop, or restore_best (stop, and put back the weights of the best "
+        "evaluation; also at the end of a run that did not stop).",
+        choices=OVERFITTING_ACTIONS,
+    )
+    monitor: str = _option(
+        "val_loss", "Validation metric that defines the best evaluation (val_loss, val_accuracy, val_f1)."
+    )
+    gap_threshold: float = _option(
+        0.1, "Relative generalization gap, (validation loss - training loss) / training loss, that counts as overfitting."
+    )
+    eval_every: int | None = _option(
+        None, "Evaluate every N updates, not only at the end of each epoch."
+    )
+    measure_train_gap: bool = _option(
+        False,
+        "Measure the training loss of the gap in evaluation mode on a subset of the training "
+        "data (as many examples as the evaluation data, at most 512), instead of the running "
+        "training loss, which dropout inflates.",
     )
     oom_retry: bool = _option(
         True,
@@ -440,7 +472,17 @@ def validate_options(config: TrainConfig) -> list[str]:
                 f"{flag_name(name)}: must be a positive integer, received {value!r}."
             )
 
+    if not (config.gap_threshold > 0 and math.isfinite(config.gap_threshold)):
+        problems.append(
+            f"--gap-threshold: must be a positive number, received {config.gap_threshold!r}."
+        )
+    if not config.monitor.startswith("val_"):
+        problems.append(
+            f"--monitor: must name a validation metric starting with val_ (val_loss, "
+            f"val_accuracy, val_f1), received {config.monitor!r}."
+        )
     for name in (
+        "eval_every",
         "max_train_examples",
         "max_eval_examples",
         "micro_batch_size",
@@ -506,6 +548,7 @@ def validate_options(config: TrainConfig) -> list[str]:
         ("lr_schedule", LR_SCHEDULES),
         ("task", TASKS),
         ("on_divergence", DIVERGENCE_POLICIES),
+        ("overfitting_action", OVERFITTING_ACTIONS),
     ):
         value = getattr(config, name)
         if value not in allowed:

@@ -99,16 +99,23 @@ def load_classifier(
         folder: A Hugging Face checkpoint folder or a keras-hub preset folder.
         num_labels: Number of classes of the new head.
         max_length: Longest packed input, special tokens included.
-        dropout: Dropout before the head. Defaults to `None`, the model's own.
+        dropout: Dropout rate of the whole model: backbone (embeddings,
+            attention, feed-forward) and head. Defaults to `None`, the
+            model's own rates.
 
     Returns:
         The keras-hub `TextClassifier`, with its `preprocessor` attached.
     """
     import keras_hub
 
-    head_options = {} if dropout is None else {"dropout": dropout}
+    options = {}
+    if dropout is not None:
+        # The backbone's `dropout` covers its embeddings, attention and
+        # feed-forward layers; the task's covers the head.
+        backbone = keras_hub.models.Backbone.from_preset(str(folder), dropout=dropout)
+        options = {"backbone": backbone, "dropout": dropout}
     classifier = keras_hub.models.TextClassifier.from_preset(
-        str(folder), num_classes=num_labels, **head_options
+        str(folder), num_classes=num_labels, **options
     )
     classifier.preprocessor.sequence_length = max_length
     return classifier

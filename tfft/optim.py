@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import keras
 
@@ -11,10 +12,12 @@ __all__ = ["WarmupSchedule", "build_optimizer", "split_weight_decay"]
 
 logger = logging.getLogger(__name__)
 
-# Variables that decoupled weight decay leaves alone by default, matched on the
-# last part of their path: biases, and the scale (gamma) and offset (beta) of
-# normalization layers. Embeddings are decayed only when asked.
-NO_DECAY_SUFFIXES = ("bias", "gamma", "beta")
+# Variables that decoupled weight decay leaves alone by default, as regular
+# expressions searched in the variable path: biases, and the scale (gamma) and
+# offset (beta) of normalization layers, as in the Hugging Face Trainer and
+# the BERT paper's optimizer. Embedding tables are excluded unless asked for.
+DEFAULT_NO_DECAY_PATTERNS = (r"(^|/)bias$", r"(^|/)gamma$", r"(^|/)beta$")
+EMBEDDING_PATTERN = r"(^|/)embeddings$"
 
 
 @keras.saving.register_keras_serializable(package="tfft")
@@ -82,18 +85,47 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def split_weight_decay(
-    variables: list[keras.Variable], decay_embeddings: bool = False
+    variables: list[keras.Variable],
+    exclude: list[str] | None = None,
+    decay_embeddings: bool = False,
 ) -> tuple[list[keras.Variable], list[keras.Variable]]:
-    """Splits variables into those to decay and those to exclude.
+    """Splits variables into those to decay and those to exclude, by path patterns.
+
+    Args:
+        variables: The trainable variables.
+        exclude: Regular expressions searched in each variable's path.
+            Defaults to `None`, the biases and normalization scales and offsets.
+        decay_embeddings: Decay embedding tables too. Defaults to `False`.
 
     Returns:
         The decayed variables and the excluded ones.
+
+    Raises:
+        ValueError: when a pattern given in `exclude` matches no variable, or
+            is not a valid regular expression.
     """
+    patterns = list(DEFAULT_NO_DECAY_PATTERNS if exclude is None else exclude)
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(
+                f"Invalid weight-decay exclusion pattern {pattern!r}: {error}."
+            ) from None
+    if exclude is not None:
+        examples = ", ".join(v.path for v in variables[:6])
+        for pattern, regex in zip(patterns, compiled):
+            if not any(regex.search(v.path) for v in variables):
+                raise ValueError(
+                    f"Weight-decay exclusion pattern {pattern!r} matches no variable, so it "
+                    f"would exclude nothing. Variable paths look like: {examples}."
+                )
+    if not decay_embeddings:
+        compiled.append(re.compile(EMBEDDING_PATTERN))
     decayed, excluded = [], []
     for variable in variables:
-        last = variable.path.split("/")[-1]
-        is_embedding = "embedding" in variable.path and last == "embeddings"
-        if last in NO_DECAY_SUFFIXES or (is_embedding and not decay_embeddings):
+        if any(regex.search(variable.path) for regex in compiled):
             excluded.append(variable)
         else:
             decayed.append(variable)
@@ -104,9 +136,12 @@ def build_optimizer(
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
     weight_decay: float,
     variables: list[keras.Variable],
+    exclude: list[str] | None = None,
     decay_embeddings: bool = False,
 ) -> keras.optimizers.Optimizer:
     """Builds AdamW with decay excluded from biases, normalization and embeddings.
+
+    See `split_weight_decay` for `exclude` and `decay_embeddings`.
 
     Adam's epsilon is 1e-8, as in PyTorch and the Hugging Face Trainer, rather
     than Keras' 1e-7.
@@ -118,7 +153,7 @@ def build_optimizer(
         beta_2=0.999,
         epsilon=1e-8,
     )
-    decayed, excluded = split_weight_decay(variables, decay_embeddings)
+    decayed, excluded = split_weight_decay(variables, exclude, decay_embeddings)
     if weight_decay:
         optimizer.exclude_from_weight_decay(var_list=excluded)
     count = lambda group: sum(math.prod(v.shape) for v in group)  # noqa: E731

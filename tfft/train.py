@@ -141,11 +141,12 @@ def run(plan: RunPlan) -> RunResult:
         EvaluationTimer,
         NonFiniteGuard,
         OOMRetry,
+        OverfittingMonitor,
         StopAfterSteps,
         TrainingTelemetry,
     )
     from tfft.callbacks.telemetry import UPDATE_SCALARS
-    from tfft.data.pipeline import encode_examples, make_dataset
+    from tfft.data.pipeline import EncodedExamples, encode_examples, make_dataset
     from tfft.metrics import ClassF1
     from tfft.models import load_classifier
     from tfft.optim import WarmupSchedule, build_optimizer
@@ -196,7 +197,17 @@ def run(plan: RunPlan) -> RunResult:
         micro_batch_size=config.micro_batch_size,
         max_grad_norm=config.max_grad_norm or None,
     )
-    optimizer = build_optimizer(schedule, config.weight_decay, classifier.trainable_variables)
+    try:
+        optimizer = build_optimizer(
+            schedule,
+            config.weight_decay,
+            classifier.trainable_variables,
+            exclude=config.weight_decay_exclude,
+            decay_embeddings=config.decay_embeddings,
+        )
+    except ValueError as error:
+        # The patterns can be checked only against the loaded model's variables.
+        raise ConfigError([f"--weight-decay-exclude: {error}"]) from None
     metrics: list[Any] = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     if plan.num_labels == 2:
         metrics.append(ClassF1(class_id=1, name="f1"))
@@ -245,6 +256,29 @@ def run(plan: RunPlan) -> RunResult:
         log_dir=output_dir / "logs",
     )
     callbacks = [guard, TrainingTelemetry(output_dir / "logs"), timer]
+    monitor = None
+    if eval_data is not None:
+        gap_data = None
+        if config.measure_train_gap:
+            count = min(len(train_encoded), len(eval_encoded), 512)
+            held = EncodedExamples(
+                {name: value[:count] for name, value in train_encoded.features.items()},
+                train_encoded.labels[:count],
+                0,
+            )
+            gap_data = make_dataset(held, eval_batch_size, shuffle=False, seed=config.seed)
+        monitor = OverfittingMonitor(
+            monitor=config.monitor,
+            gap_threshold=config.gap_threshold,
+            action=config.overfitting_action,
+            validation_data=eval_data if config.eval_every else None,
+            eval_every=config.eval_every,
+            train_gap_data=gap_data,
+            log_dir=output_dir / "logs",
+        )
+        callbacks.append(monitor)
+    else:
+        logger.info("no evaluation data: the overfitting monitor is off")
     oom_retry = OOMRetry(log_dir=output_dir / "logs") if config.oom_retry else None
     if oom_retry is not None:
         callbacks.append(oom_retry)
@@ -297,6 +331,16 @@ def run(plan: RunPlan) -> RunResult:
     )
     metrics_record = {
         "diverged": guard.diagnosis is not None,
+        "overfitting": {
+            "fired": monitor.fired,
+            "best_evaluation": monitor.best_evaluation,
+            "best": monitor.best_value,
+            "evaluations": monitor.evaluations,
+            "restored_best": config.overfitting_action == "restore_best"
+            and monitor.best_evaluation is not None,
+        }
+        if monitor is not None
+        else None,
         "micro_batch_size": model.micro_batch_size,
         "micro_batch_changes": [change["message"] for change in oom_retry.changes]
         if oom_retry is not None
@@ -370,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    result = run(plan)
+    try:
+        result = run(plan)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
     print(_format_summary(result))
     return 1 if result.metrics["diverged"] else 0
 

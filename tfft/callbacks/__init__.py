@@ -3,6 +3,7 @@
 from tfft.callbacks.control import EvaluationTimer, StopAfterSteps
 from tfft.callbacks.nonfinite import DivergenceError, NonFiniteGuard
 from tfft.callbacks.oom import OOMRetry, OutOfMemoryError
+from tfft.callbacks.overfitting import OverfittingMonitor
 from tfft.callbacks.telemetry import TrainingTelemetry
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "NonFiniteGuard",
     "OOMRetry",
     "OutOfMemoryError",
+    "OverfittingMonitor",
     "StopAfterSteps",
     "TrainingTelemetry",
 ]
