@@ -38,6 +38,7 @@ TASKS = ("classification",)
 DEMO_RECIPE = {"batch_size": 16, "learning_rate": 1e-4, "epochs": 4}
 DIVERGENCE_POLICIES = ("skip", "rollback", "stop")
 OVERFITTING_ACTIONS = ("warn", "stop", "restore_best")
+AUGMENTATIONS = ("delete", "swap", "insert", "synonym")
 
 
 class ConfigError(ValueError):
@@ -210,6 +211,16 @@ class TrainConfig:
         "Measure the training loss of the gap in evaluation mode on a subset of the training "
         "data (as many examples as the evaluation data, at most 512), instead of the running "
         "training loss, which dropout inflates.",
+    )
+    augment: list[str] | None = _option(
+        None,
+        "Text augmentations of training examples, fresh each epoch: delete, swap, insert "
+        "(a word of the same text), synonym (nearest word in the model's token-embedding "
+        "space). When absent, none.",
+        metavar="OPERATION",
+    )
+    augment_prob: float = _option(
+        0.3, "Share of training examples augmented each epoch, by one of the --augment operations."
     )
     oom_retry: bool = _option(
         True,
@@ -472,6 +483,14 @@ def validate_options(config: TrainConfig) -> list[str]:
                 f"{flag_name(name)}: must be a positive integer, received {value!r}."
             )
 
+    if config.augment is not None:
+        unknown = [name for name in config.augment if name not in AUGMENTATIONS]
+        if unknown:
+            problems.append(
+                f"--augment: unknown operation(s) {unknown}. Choose from: {', '.join(AUGMENTATIONS)}."
+            )
+    if not 0 <= config.augment_prob <= 1:
+        problems.append(f"--augment-prob: must be in [0, 1], received {config.augment_prob!r}.")
     if not (config.gap_threshold > 0 and math.isfinite(config.gap_threshold)):
         problems.append(
             f"--gap-threshold: must be a positive number, received {config.gap_threshold!r}."

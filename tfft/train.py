@@ -140,13 +140,19 @@ def run(plan: RunPlan) -> RunResult:
     from tfft.callbacks import (
         EvaluationTimer,
         NonFiniteGuard,
+        AugmentationLog,
         OOMRetry,
         OverfittingMonitor,
         StopAfterSteps,
         TrainingTelemetry,
     )
     from tfft.callbacks.telemetry import UPDATE_SCALARS
-    from tfft.data.pipeline import EncodedExamples, encode_examples, make_dataset
+    from tfft.data.pipeline import (
+        EncodedExamples,
+        encode_examples,
+        make_augmented_dataset,
+        make_dataset,
+    )
     from tfft.metrics import ClassF1
     from tfft.models import load_classifier
     from tfft.optim import WarmupSchedule, build_optimizer
@@ -172,7 +178,14 @@ def run(plan: RunPlan) -> RunResult:
                 config.max_length,
             )
 
-    train_data = make_dataset(train_encoded, config.batch_size, shuffle=True, seed=config.seed)
+    augmenter = None
+    if config.augment:
+        augmenter = _build_augmenter(config, classifier, plan.train)
+        train_data = make_augmented_dataset(
+            plan.train, preprocessor, augmenter, config.batch_size, seed=config.seed
+        )
+    else:
+        train_data = make_dataset(train_encoded, config.batch_size, shuffle=True, seed=config.seed)
     eval_batch_size = config.eval_batch_size or config.batch_size
     eval_data = (
         make_dataset(eval_encoded, eval_batch_size, shuffle=False, seed=config.seed)
@@ -279,6 +292,9 @@ def run(plan: RunPlan) -> RunResult:
         callbacks.append(monitor)
     else:
         logger.info("no evaluation data: the overfitting monitor is off")
+    if augmenter is not None:
+        augmentation_log = AugmentationLog(augmenter, log_dir=output_dir / "logs")
+        callbacks.append(augmentation_log)
     oom_retry = OOMRetry(log_dir=output_dir / "logs") if config.oom_retry else None
     if oom_retry is not None:
         callbacks.append(oom_retry)
@@ -331,6 +347,7 @@ def run(plan: RunPlan) -> RunResult:
     )
     metrics_record = {
         "diverged": guard.diagnosis is not None,
+        "augmented_examples_per_epoch": augmentation_log.per_epoch if augmenter is not None else None,
         "overfitting": {
             "fired": monitor.fired,
             "best_evaluation": monitor.best_evaluation,
@@ -363,6 +380,27 @@ def run(plan: RunPlan) -> RunResult:
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics_record, indent=2) + "\n", encoding="utf-8")
     return RunResult(output_dir, metrics_record)
+
+
+def _build_augmenter(config: TrainConfig, classifier, examples: TextExamples):
+    """Builds the text augmenter, with synonyms from the model's token embeddings."""
+    import re
+
+    from tfft.data.augment import TextAugmenter, embedding_synonyms
+
+    synonyms = {}
+    if "synonym" in config.augment:
+        words = {
+            word
+            for column in examples.texts
+            for text in column
+            for word in re.findall(r"[a-z]+", text.lower())
+        }
+        vocabulary = classifier.preprocessor.tokenizer.get_vocabulary()
+        embeddings = classifier.backbone.token_embedding.embeddings.numpy()
+        synonyms = embedding_synonyms(vocabulary, embeddings, words)
+        logger.info("synonyms from the token embeddings for %d of %d words", len(synonyms), len(words))
+    return TextAugmenter(config.augment, config.augment_prob, synonyms)
 
 
 def _format_summary(result: RunResult) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-__all__ = ["TrainingTelemetry", "memory_in_use"]
+__all__ = ["AugmentationLog", "TrainingTelemetry", "memory_in_use"]
+
+logger = logging.getLogger(__name__)
 
 # Per-batch log entries of `FineTuneModel` written as scalars each update, with
 # the TensorBoard tag each one gets.
@@ -121,3 +124,40 @@ class TrainingTelemetry(keras.callbacks.Callback):
         for writer in (self._train_writer, self._validation_writer):
             if writer is not None:
                 writer.close()
+
+
+class AugmentationLog(keras.callbacks.Callback):
+    """Logs how many training examples were augmented in each epoch.
+
+    Args:
+        augmenter: The `tfft.data.augment.TextAugmenter` of the training data.
+        log_dir: TensorBoard folder (scalar `augmented_examples` under
+            `train/`). Defaults to `None`.
+    """
+
+    def __init__(self, augmenter, log_dir: str | Path | None = None):
+        super().__init__()
+        self.augmenter = augmenter
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+
+    def on_train_begin(self, logs=None):
+        self.per_epoch: list[int] = []
+        self._writer = (
+            tf.summary.create_file_writer(str(self.log_dir / "train")) if self.log_dir else None
+        )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.augmenter.augmented_count.assign(0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        count = int(self.augmenter.augmented_count.numpy())
+        self.per_epoch.append(count)
+        logger.info("epoch %d: %d training examples augmented", epoch + 1, count)
+        if self._writer is not None:
+            with self._writer.as_default(step=epoch + 1):
+                tf.summary.scalar("augmented_examples", count)
+            self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tfft.data.sources import TextExamples
 
-__all__ = ["EncodedExamples", "encode_examples", "make_dataset"]
+__all__ = ["EncodedExamples", "encode_examples", "make_augmented_dataset", "make_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,5 +102,40 @@ def make_dataset(
     if shuffle:
         dataset = dataset.shuffle(len(encoded), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
+    dataset = dataset.map(_trim_to_longest, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def make_augmented_dataset(
+    examples: TextExamples,
+    preprocessor,
+    augmenter,
+    batch_size: int,
+    seed: int,
+) -> tf.data.Dataset:
+    """Batches training texts augmented afresh each epoch, then tokenized.
+
+    Unlike `make_dataset`, tokenization runs inside the pipeline, after
+    augmentation. Each text column draws its own randomness.
+    """
+    texts = tuple(tf.constant(column) for column in examples.texts)
+    labels = np.asarray(examples.labels, dtype=np.int32)
+    dataset = tf.data.Dataset.from_tensor_slices((texts, labels))
+    dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    randomness = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    dataset = tf.data.Dataset.zip((dataset, randomness))
+
+    def augment(pair, draw):
+        columns, label = pair
+        augmented = tuple(augmenter(text, draw + index) for index, text in enumerate(columns))
+        return augmented, label
+
+    # Sequential on purpose: the augmenter counts examples in a variable.
+    dataset = dataset.map(augment)
+    dataset = dataset.batch(batch_size)
+    dataset = dataset.map(
+        lambda columns, label: (preprocessor(x=columns), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
     dataset = dataset.map(_trim_to_longest, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
