@@ -125,3 +125,28 @@ def test_summary_names_this_python(tiny_run, capsys, tiny_preset, tmp_path):
     printed = capsys.readouterr().out
     assert f"Predict with: {train._python_command()} -m tfft.predict" in printed
     assert "preprocessor/" in printed
+
+
+def test_regularization_options_together(tiny_preset, tmp_path):
+    output = tmp_path / "run"
+    assert train.main(
+        ["--model", str(tiny_preset), "--epochs", "1", "--max-length", "16",
+         "--dropout", "0.2", "--weight-decay", "0.1", "--augment", "delete", "swap",
+         "--augment-prob", "0.5", "--neftune-alpha", "5", "--eval-every", "5",
+         "--output-dir", str(output)]
+    ) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    # 240 demo examples at probability 0.5: mean 120, standard deviation 7.7.
+    assert abs(metrics["augmented_examples_per_epoch"][0] - 120) < 35
+    # 15 updates, evaluated after updates 5, 10 and 15.
+    assert [e["update"] for e in metrics["overfitting"]["evaluations"]] == [5, 10, 15]
+
+
+def test_unmatched_decay_pattern_is_reported(tiny_preset, tmp_path, capsys):
+    status = train.main(
+        ["--model", str(tiny_preset), "--max-steps", "1", "--weight-decay-exclude", "LayerNorm.weight",
+         "--output-dir", str(tmp_path / "run")]
+    )
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "--weight-decay-exclude: Weight-decay exclusion pattern 'LayerNorm.weight' matches no variable" in error

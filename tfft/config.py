@@ -222,6 +222,11 @@ class TrainConfig:
     augment_prob: float = _option(
         0.3, "Share of training examples augmented each epoch, by one of the --augment operations."
     )
+    neftune_alpha: float | None = _option(
+        None,
+        "NEFTune: add uniform noise of scale alpha / sqrt(length * width) to the input "
+        "token embeddings in training steps (the paper uses 5 to 15). When absent, none.",
+    )
     oom_retry: bool = _option(
         True,
         "After an out-of-memory error, run the same batch again in micro-batches half "
@@ -489,6 +494,12 @@ def validate_options(config: TrainConfig) -> list[str]:
             problems.append(
                 f"--augment: unknown operation(s) {unknown}. Choose from: {', '.join(AUGMENTATIONS)}."
             )
+    if config.neftune_alpha is not None and not (
+        config.neftune_alpha > 0 and math.isfinite(config.neftune_alpha)
+    ):
+        problems.append(
+            f"--neftune-alpha: must be a positive number, received {config.neftune_alpha!r}."
+        )
     if not 0 <= config.augment_prob <= 1:
         problems.append(f"--augment-prob: must be in [0, 1], received {config.augment_prob!r}.")
     if not (config.gap_threshold > 0 and math.isfinite(config.gap_threshold)):

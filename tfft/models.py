@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["bundled_model_dir", "check_model_folder", "load_classifier"]
+__all__ = ["NEFTuneNoise", "bundled_model_dir", "check_model_folder", "enable_neftune", "load_classifier"]
 
 # Hugging Face `model_type` values of encoder families that keras-hub converts
 # from a checkpoint folder and that have a text classifier.
@@ -47,7 +47,9 @@ def check_model_folder(folder: str | Path, option: str = "--model") -> list[str]
         "tokenizer.json) or a keras-hub preset (metadata.json, config.json, "
         "model.weights.h5, tokenizer.json)"
     )
-    found = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "") if names else "nothing"
+    found = ", ".join(names[:12]) if names else "nothing"
+    if len(names) > 12:
+        found += " ..."
     if "metadata.json" in names:
         missing = [
             name for name in ("config.json", "tokenizer.json") if name not in names
@@ -119,3 +121,64 @@ def load_classifier(
     )
     classifier.preprocessor.sequence_length = max_length
     return classifier
+
+
+class NEFTuneNoise:
+    """Adds NEFTune noise to a model's input token embeddings, in training steps only.
+
+    NEFTune (Jain et al., 2023, "NEFTune: Noisy Embeddings Improve
+    Instruction Finetuning") adds uniform noise in [-s, s] to every input
+    embedding, with s = alpha / sqrt(L * d) for sequence length L and
+    embedding width d. Here L is the batch's padded length, which tfft keeps
+    close to the longest input by padding each batch to its own longest.
+
+    The noise is switched on only while `FineTuneModel` traces its training
+    step (`active` is read when the step is traced), so evaluation and
+    prediction never see it.
+
+    Args:
+        embedding: The token embedding layer (a keras-hub backbone's
+            `token_embedding`).
+        alpha: Noise scale; the paper uses 5 to 15.
+        seed: Seed of the noise. Defaults to `None`.
+    """
+
+    def __init__(self, embedding, alpha: float, seed: int | None = None):
+        import keras
+
+        if not alpha > 0:
+            raise ValueError(f"`alpha` must be positive. Received: alpha={alpha!r}")
+        self.alpha = float(alpha)
+        self.active = False
+        self._seed = keras.random.SeedGenerator(seed)
+        original_call = embedding.call
+
+        def call(inputs, *args, **kwargs):
+            outputs = original_call(inputs, *args, **kwargs)
+            # `reverse=True` is the tied output projection, not an input embedding.
+            if not self.active or kwargs.get("reverse", False):
+                return outputs
+            return outputs + self.noise(outputs)
+
+        # The layer's own `call` is replaced on this instance only; Keras calls
+        # `self.call`, so the backbone's graph picks the noise up unchanged.
+        embedding.call = call
+
+    def noise(self, embeddings):
+        import keras
+
+        shape = keras.ops.shape(embeddings)
+        length = keras.ops.cast(shape[-2], "float32")
+        width = float(embeddings.shape[-1])
+        scale = self.alpha / keras.ops.sqrt(length * width)
+        noise = keras.random.uniform(shape, minval=-1.0, maxval=1.0, seed=self._seed)
+        return keras.ops.cast(noise * scale, embeddings.dtype)
+
+
+def enable_neftune(classifier, alpha: float, seed: int | None = None) -> NEFTuneNoise:
+    """Adds NEFTune noise to the token embeddings of a keras-hub task's backbone.
+
+    Returns:
+        The noise object; pass it to `FineTuneModel(training_noise=[...])`.
+    """
+    return NEFTuneNoise(classifier.backbone.token_embedding, alpha, seed)

@@ -14,8 +14,8 @@ logger = logging.getLogger(__name__)
 
 # Variables that decoupled weight decay leaves alone by default, as regular
 # expressions searched in the variable path: biases, and the scale (gamma) and
-# offset (beta) of normalization layers, as in the Hugging Face Trainer and
-# the BERT paper's optimizer. Embedding tables are excluded unless asked for.
+# offset (beta) of normalization layers. Embedding tables are excluded unless
+# asked for.
 DEFAULT_NO_DECAY_PATTERNS = (r"(^|/)bias$", r"(^|/)gamma$", r"(^|/)beta$")
 EMBEDDING_PATTERN = r"(^|/)embeddings$"
 

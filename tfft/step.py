@@ -170,6 +170,10 @@ class FineTuneModel(keras.Model):
             global batch in one pass.
         max_grad_norm: Clip the global gradient norm to this value after
             accumulation. Defaults to `None`, no clipping.
+        training_noise: Objects with an `active` flag (such as
+            `tfft.models.NEFTuneNoise`) switched on while the training step
+            is traced, so that their noise is part of training steps only.
+            Defaults to `None`.
 
     Example:
 
@@ -190,6 +194,7 @@ class FineTuneModel(keras.Model):
         *,
         micro_batch_size: int | None = None,
         max_grad_norm: float | None = None,
+        training_noise: list | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -210,6 +215,7 @@ class FineTuneModel(keras.Model):
             self.built = True
         self._micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
+        self.training_noise = list(training_noise or [])
         self.skipped_steps = self.add_weight(
             shape=(), dtype="int64", initializer="zeros", trainable=False, name="skipped_steps"
         )
@@ -432,7 +438,13 @@ class FineTuneModel(keras.Model):
                 index, micro, batch_size, x, y, row_weights
             )
             with tf.GradientTape() as tape:
-                y_pred = self(x_micro, training=True)
+                for noise in self.training_noise:
+                    noise.active = True
+                try:
+                    y_pred = self(x_micro, training=True)
+                finally:
+                    for noise in self.training_noise:
+                        noise.active = False
                 weighted_sum, elements_per_weight, y_pred = self._weighted_loss_sum(
                     y_micro, y_pred, weights_micro
                 )

@@ -154,7 +154,7 @@ def run(plan: RunPlan) -> RunResult:
         make_dataset,
     )
     from tfft.metrics import ClassF1
-    from tfft.models import load_classifier
+    from tfft.models import enable_neftune, load_classifier
     from tfft.optim import WarmupSchedule, build_optimizer
     from tfft.step import FineTuneModel
 
@@ -205,10 +205,14 @@ def run(plan: RunPlan) -> RunResult:
         config.learning_rate, total_updates, warmup_updates, decay=config.lr_schedule
     )
 
+    training_noise = []
+    if config.neftune_alpha is not None:
+        training_noise.append(enable_neftune(classifier, config.neftune_alpha, seed=config.seed))
     model = FineTuneModel(
         classifier,
         micro_batch_size=config.micro_batch_size,
         max_grad_norm=config.max_grad_norm or None,
+        training_noise=training_noise,
     )
     try:
         optimizer = build_optimizer(

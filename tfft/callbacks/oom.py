@@ -130,7 +130,7 @@ class OOMRetry(keras.callbacks.Callback):
         Called by `FineTuneModel` with the batch that failed.
 
         Raises:
-            OutOfMemoryError: when the micro-batch already holds one example.
+            OutOfMemoryError: when the micro-batch already has one example.
         """
         batch_size, length = _batch_shape(data)
         configured = model.micro_batch_size if kind == "training" else model.eval_micro_batch_size

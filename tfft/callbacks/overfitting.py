@@ -50,18 +50,18 @@ class OverfittingMonitor(keras.callbacks.Callback):
     Two rules, each over `patience` evaluations in a row:
 
     - Gap: (validation loss - training loss) / training loss above
-      `gap_threshold`. 0.1 is the threshold of the `Overfit` rule of Amazon
-      SageMaker Debugger.
+      `gap_threshold` (default 0.1: a validation loss 10% above the training
+      loss).
     - Trend: the monitored validation metric has not improved on its best by
       more than `min_delta`, while the training loss still falls.
 
     The training loss compared is, by default, the mean of the update losses
     since the previous evaluation (the epoch's, or the window's with
-    `eval_every`). With dropout active those losses overstate the training
-    loss the model would have in evaluation mode, so the gap is understated;
-    pass `train_gap_data` (a held subset of the training data) to measure the
-    training loss in evaluation mode instead, at the cost of one more
-    evaluation pass each time.
+    `eval_every`). With dropout active, those losses overstate the training
+    loss the model has in evaluation mode, so the gap is understated. Pass
+    `train_gap_data`, a held subset of the training data, to measure the
+    training loss in evaluation mode instead. It costs one more evaluation
+    pass each time.
 
     Actions: `"warn"` logs once, with remedies, and goes on; `"stop"` ends
     training; `"restore_best"` ends training and puts back the weights of the

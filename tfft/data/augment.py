@@ -1,10 +1,10 @@
 """Offline text augmentation inside `tf.data`: word deletion, swap, insertion and synonyms.
 
 The operations follow EDA (Wei and Zou, 2019, "EDA: Easy Data Augmentation
-Techniques for Boosting Performance on Text Classification Tasks"), with
-synonyms taken from the model's own token embeddings instead of WordNet, so
-nothing is downloaded: a word's synonym is the whole-word vocabulary token
-whose input embedding is nearest by cosine similarity.
+Techniques for Boosting Performance on Text Classification Tasks"). Synonyms
+come from the model's own token embeddings instead of WordNet, so nothing is
+downloaded. A word's synonym is the whole-word vocabulary token whose input
+embedding is nearest by cosine similarity.
 
 Each training example is augmented with probability `probability`, by one
 operation drawn from those configured, changing about a tenth of its words
