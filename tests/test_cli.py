@@ -1,5 +1,6 @@
 """`python -m tfft.train` and `python -m tfft.predict` end to end, on a tiny BERT preset."""
 
+import csv
 import json
 
 import keras
@@ -133,9 +134,19 @@ def test_regularization_options_together(tiny_preset, tmp_path):
         ["--model", str(tiny_preset), "--epochs", "1", "--max-length", "16",
          "--dropout", "0.2", "--weight-decay", "0.1", "--augment", "delete", "swap",
          "--augment-prob", "0.5", "--neftune-alpha", "5", "--eval-every", "5",
-         "--output-dir", str(output)]
+         "--overfitting-action", "warn", "--output-dir", str(output)]
     ) == 0
     metrics = json.loads((output / "metrics.json").read_text())
+    # Evaluation data is never augmented: the saved model on the plain dev
+    # texts gives the validation loss that fit reported.
+    predictor = predict.Predictor.from_run(output)
+    with (DEMO_DIR / "dev.csv").open(newline="") as file:
+        dev = list(csv.DictReader(file))
+    texts = [row["text"] for row in dev]
+    labels = np.array([int(row["label"]) for row in dev])
+    probabilities = predictor.predict_probabilities(texts)
+    loss = -np.mean(np.log(probabilities[np.arange(len(labels)), labels]))
+    assert loss == pytest.approx(metrics["final"]["val_loss"], abs=1e-4)
     # 240 demo examples at probability 0.5: mean 120, standard deviation 7.7.
     assert abs(metrics["augmented_examples_per_epoch"][0] - 120) < 35
     # 15 updates, evaluated after updates 5, 10 and 15.

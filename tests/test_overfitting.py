@@ -116,3 +116,19 @@ def test_evaluates_every_n_updates_in_fit():
     reference = tiny_model()
     reference_history = reference.fit(train, epochs=1, verbose=0)
     assert history.history["accuracy"] == reference_history.history["accuracy"]
+
+
+def test_train_gap_measured_in_evaluation_mode():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 3)).astype(np.float32)
+    y = rng.integers(0, 2, size=32)
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    held = tf.data.Dataset.from_tensor_slices((x[:16], y[:16])).batch(8)
+    model = tiny_model()
+    monitor = OverfittingMonitor(train_gap_data=held, patience=100)
+    model.fit(train, validation_data=held, epochs=2, verbose=0, callbacks=[monitor])
+    # The training loss of the last evaluation is the held subset's loss in
+    # evaluation mode with the final weights, not the running training loss.
+    measured = model.evaluate(held, verbose=0, return_dict=True)["loss"]
+    assert monitor.evaluations[-1]["train_loss"] == pytest.approx(measured, abs=1e-6)
+    assert monitor.evaluations[-1]["train_loss"] != pytest.approx(model.history.history["loss"][-1])
