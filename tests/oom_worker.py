@@ -3,7 +3,9 @@
 Run by tests/test_oom.py in a fresh process, because the limit cannot be
 lifted again. The model's activations take about 6 MB per example, so a
 micro-batch of 64 does not fit in 250 MB above the warmed-up process while 8
-does. Prints one JSON line.
+does. Everything else that needs memory (data arrays, datasets, thread
+pools) is made before the limit is set, and thread pools are kept small,
+because each new thread reserves stack address space. Prints one JSON line.
 """
 
 import argparse
@@ -72,6 +74,11 @@ def main():
     args = parser.parse_args()
     x, y = make_data()
 
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    tf.config.threading.set_intra_op_parallelism_threads(2)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(64).with_options(options)
     if args.mode == "train":
         model = build_model(args.micro_batch_size)
         warm_probe = build_model(8)
@@ -80,7 +87,6 @@ def main():
         if args.limited:
             limit_address_space()
         retry = OOMRetry()
-        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
         model.fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[retry])
         np.savez(args.output, *model.model.get_weights())
         result = {
@@ -91,12 +97,12 @@ def main():
     else:
         model = build_model(None)
         warm_up(model, x, y)
+        features, labels = tf.constant(x[:4]), tf.constant(y[:4])
         if args.limited:
             limit_address_space()
-        fits = memory_probe(model, tf.constant(x[:4]), tf.constant(y[:4]))
+        fits = memory_probe(model, features, labels)
         size = find_micro_batch_size(fits, max_size=64)
         model.micro_batch_size = size
-        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
         model.fit(data, epochs=1, verbose=0, shuffle=False)
         result = {"micro_batch_size": size, "trained": True}
     print(json.dumps(result))
