@@ -116,7 +116,7 @@ def test_find_batch_size_option(tiny_preset, tmp_path, caplog):
          "--find-batch-size", "--output-dir", str(output)]
     ) == 0
     # Everything fits on this tiny model, so the whole batch is one pass.
-    assert "largest micro-batch that fits at 16 tokens, with a 10% margin: 8" in caplog.text
+    assert "the whole batch of 8 fits at 16 tokens: no micro-batches" in caplog.text
     assert json.loads((output / "metrics.json").read_text())["micro_batch_size"] is None
 
 

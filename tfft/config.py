@@ -184,7 +184,9 @@ class TrainConfig:
         choices=DIVERGENCE_POLICIES,
     )
     max_rollbacks: int = _option(
-        3, "Rollbacks before the run stops with a diagnosis (policy rollback)."
+        3,
+        "Rollbacks before the run stops with a diagnosis (policy rollback); 0 stops at "
+        "the first streak of bad updates.",
     )
     snapshot_every: int = _option(
         100, "Updates between snapshots of weights and optimizer state for rollbacks."
@@ -235,7 +237,8 @@ class TrainConfig:
     find_batch_size: bool = _option(
         False,
         "Before training, find the largest micro-batch whose forward and backward pass "
-        "fits in memory on the longest examples at --max-length, and use it.",
+        "fits in memory on the longest examples at --max-length, and use it less a 10 percent "
+        "margin; the whole --batch-size in one pass when it fits.",
     )
     jit_compile: bool = _option(
         False, "Compile the training step with XLA."

@@ -158,6 +158,10 @@ class FineTuneModel(keras.Model):
     `compile` wraps the optimizer in `keras.optimizers.LossScaleOptimizer`.
     Logits are cast to float32 before the loss.
 
+    Compiled metrics count the predictions of every batch, also of an update
+    that was skipped as non-finite; the running `loss` counts applied updates
+    only.
+
     Regularization losses of the wrapped model (`model.losses`) are added once
     per update: each micro-batch adds its share divided by the number of
     micro-batches.

@@ -163,6 +163,11 @@ def run(plan: RunPlan) -> RunResult:
     keras.mixed_precision.set_global_policy(config.precision)
 
     logger.info("loading %s", plan.model_dir)
+    logger.info(
+        "training data: %s%s",
+        plan.train.source,
+        " (the demo data: no --train-data given)" if config.train_data is None else "",
+    )
     classifier = load_classifier(plan.model_dir, plan.num_labels, config.max_length, config.dropout)
     preprocessor = classifier.preprocessor
 
@@ -243,17 +248,23 @@ def run(plan: RunPlan) -> RunResult:
         fits = memory_probe(model, features, train_encoded.labels[longest])
         size = find_micro_batch_size(fits, max_size=config.batch_size)
         model.micro_batch_size = None if size >= config.batch_size else size
-        logger.info(
-            "largest micro-batch that fits at %d tokens, with a 10%% margin: %d",
-            config.max_length,
-            size,
-        )
+        if size >= config.batch_size:
+            logger.info(
+                "the whole batch of %d fits at %d tokens: no micro-batches", size, config.max_length
+            )
+        else:
+            logger.info(
+                "largest micro-batch that fits at %d tokens, with a 10%% margin: %d",
+                config.max_length,
+                size,
+            )
 
     output_dir = plan.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = config.to_dict()
     resolved.update(
         model=str(plan.model_dir),
+        micro_batch_size=model.micro_batch_size,
         train_data=plan.train.source,
         eval_data=plan.evaluation.source if plan.evaluation else None,
         text_columns=plan.train.text_columns,
@@ -425,7 +436,7 @@ def _format_summary(result: RunResult) -> str:
     return "\n".join(
         [
             f"Fine-tuning finished: {shown}.",
-            f"  {result.metrics['updates']} updates, {result.metrics['skipped_steps']} skipped, "
+            f"  updates: {result.metrics['updates']}, skipped: {result.metrics['skipped_steps']}, "
             f"{result.metrics['examples_per_second']:.1f} training examples per second.",
             f"Outputs in {folder}/:",
             f"  model.keras        the fine-tuned classifier (keras.saving.load_model)",
