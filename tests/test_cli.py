@@ -161,3 +161,12 @@ def test_unmatched_decay_pattern_is_reported(tiny_preset, tmp_path, capsys):
     assert status == 2
     error = capsys.readouterr().err
     assert "--weight-decay-exclude: Weight-decay exclusion pattern 'LayerNorm.weight' matches no variable" in error
+
+
+def test_gradient_checkpointing_option(tiny_preset, tmp_path, caplog):
+    caplog.set_level("INFO")
+    assert train.main(
+        ["--model", str(tiny_preset), "--max-steps", "2", "--max-length", "16", "--dropout", "0",
+         "--gradient-checkpointing", "--output-dir", str(tmp_path / "run")]
+    ) == 0
+    assert "gradient checkpointing on 2 transformer layers" in caplog.text

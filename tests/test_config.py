@@ -182,3 +182,12 @@ def test_demo_recipe_applies_only_without_training_data():
     assert (given.batch_size, given.learning_rate) == (8, 1e-4)
     own_data, _ = parse_config(["--train-data", "reviews.csv"])
     assert (own_data.batch_size, own_data.learning_rate, own_data.epochs) == (32, 5e-5, 3)
+
+
+def test_gradient_checkpointing_needs_dropout_zero():
+    problems = problems_of(["--gradient-checkpointing"])
+    assert problems == [
+        "--gradient-checkpointing: needs --dropout 0, received no --dropout (the model keeps "
+        "its own, 0.1 for BERT). A recomputed layer would draw a different dropout mask than "
+        "its forward pass."
+    ]

@@ -229,6 +229,11 @@ class TrainConfig:
         "NEFTune: add uniform noise of scale alpha / sqrt(length * width) to the input "
         "token embeddings in training steps (the paper uses 5 to 15). When absent, none.",
     )
+    gradient_checkpointing: bool = _option(
+        False,
+        "Recompute each transformer layer's activations in the backward pass instead of "
+        "storing them: less memory for about one more forward pass. Needs --dropout 0.",
+    )
     oom_retry: bool = _option(
         True,
         "After an out-of-memory error, run the same batch again in micro-batches half "
@@ -497,6 +502,12 @@ def validate_options(config: TrainConfig) -> list[str]:
             problems.append(
                 f"--augment: unknown operation(s) {unknown}. Choose from: {', '.join(AUGMENTATIONS)}."
             )
+    if config.gradient_checkpointing and config.dropout != 0:
+        problems.append(
+            "--gradient-checkpointing: needs --dropout 0, received "
+            f"{'no --dropout (the model keeps its own, 0.1 for BERT)' if config.dropout is None else f'--dropout {config.dropout}'}. "
+            "A recomputed layer would draw a different dropout mask than its forward pass."
+        )
     if config.neftune_alpha is not None and not (
         config.neftune_alpha > 0 and math.isfinite(config.neftune_alpha)
     ):

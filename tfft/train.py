@@ -210,6 +210,11 @@ def run(plan: RunPlan) -> RunResult:
         config.learning_rate, total_updates, warmup_updates, decay=config.lr_schedule
     )
 
+    if config.gradient_checkpointing:
+        from tfft.checkpointing import enable_gradient_checkpointing
+
+        count = enable_gradient_checkpointing(classifier.backbone)
+        logger.info("gradient checkpointing on %d transformer layers", count)
     training_noise = []
     if config.neftune_alpha is not None:
         training_noise.append(enable_neftune(classifier, config.neftune_alpha, seed=config.seed))
