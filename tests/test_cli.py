@@ -170,3 +170,15 @@ def test_gradient_checkpointing_option(tiny_preset, tmp_path, caplog):
          "--gradient-checkpointing", "--output-dir", str(tmp_path / "run")]
     ) == 0
     assert "gradient checkpointing on 2 transformer layers" in caplog.text
+
+
+def test_lora_option_saves_a_merged_model(tiny_preset, tmp_path, caplog):
+    caplog.set_level("INFO")
+    output = tmp_path / "run"
+    assert train.main(
+        ["--model", str(tiny_preset), "--max-steps", "2", "--max-length", "16",
+         "--lora-rank", "2", "--output-dir", str(output)]
+    ) == 0
+    assert "LoRA rank 2 on 4 layers" in caplog.text
+    model = keras.saving.load_model(output / "model.keras", compile=False)
+    assert not any("lora" in v.path for v in model.weights)

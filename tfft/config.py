@@ -234,6 +234,15 @@ class TrainConfig:
         "Recompute each transformer layer's activations in the backward pass instead of "
         "storing them: less memory for about one more forward pass. Needs --dropout 0.",
     )
+    lora_rank: int | None = _option(
+        None,
+        "Train low-rank adapters of this rank on the attention query and value projections "
+        "instead of the whole backbone; the task head trains too. The saved model has the "
+        "adapters merged. When absent, full fine-tuning.",
+    )
+    lora_alpha: float | None = _option(
+        None, "Scale numerator of the LoRA update (alpha / rank). When absent, the rank."
+    )
     oom_retry: bool = _option(
         True,
         "After an out-of-memory error, run the same batch again in micro-batches half "
@@ -502,6 +511,12 @@ def validate_options(config: TrainConfig) -> list[str]:
             problems.append(
                 f"--augment: unknown operation(s) {unknown}. Choose from: {', '.join(AUGMENTATIONS)}."
             )
+    if config.lora_alpha is not None and config.lora_rank is None:
+        problems.append(
+            f"--lora-alpha: given ({config.lora_alpha}) without --lora-rank. Pass --lora-rank too."
+        )
+    if config.lora_alpha is not None and not config.lora_alpha > 0:
+        problems.append(f"--lora-alpha: must be positive, received {config.lora_alpha!r}.")
     if config.gradient_checkpointing and config.dropout != 0:
         problems.append(
             "--gradient-checkpointing: needs --dropout 0, received "
@@ -526,6 +541,7 @@ def validate_options(config: TrainConfig) -> list[str]:
             f"val_accuracy, val_f1), received {config.monitor!r}."
         )
     for name in (
+        "lora_rank",
         "eval_every",
         "max_train_examples",
         "max_eval_examples",

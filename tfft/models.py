@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["NEFTuneNoise", "bundled_model_dir", "check_model_folder", "enable_neftune", "load_classifier"]
+__all__ = [
+    "NEFTuneNoise",
+    "bundled_model_dir",
+    "check_model_folder",
+    "enable_lora",
+    "enable_neftune",
+    "load_classifier",
+]
 
 # Hugging Face `model_type` values of encoder families that keras-hub converts
 # from a checkpoint folder and that have a text classifier.
@@ -182,3 +189,44 @@ def enable_neftune(classifier, alpha: float, seed: int | None = None) -> NEFTune
         The noise object; pass it to `FineTuneModel(training_noise=[...])`.
     """
     return NEFTuneNoise(classifier.backbone.token_embedding, alpha, seed)
+
+
+def enable_lora(classifier, rank: int, alpha: float | None = None) -> int:
+    """Freezes the backbone and trains low-rank adapters on its attention projections.
+
+    Follows keras-hub's `Backbone.enable_lora` (adapters on the layers that
+    `backbone.default_lora_layer_names()` lists, the query and value
+    projections for BERT) but also passes `alpha`, and freezes the biases of
+    those layers, so that only the adapters and the task head train. Saving
+    the model writes each adapted kernel merged (W + alpha / rank * A B), so
+    `model.keras` loads and predicts without tfft or LoRA.
+
+    Args:
+        classifier: A keras-hub task whose `backbone` supports LoRA.
+        rank: Rank of the adapters.
+        alpha: Scale numerator of the adapters' update. Defaults to `None`,
+            the rank (a scale of 1).
+
+    Returns:
+        The number of layers given adapters.
+
+    Raises:
+        ValueError: when the backbone has no layer to adapt.
+    """
+    backbone = classifier.backbone
+    target_names = set(backbone.default_lora_layer_names())
+    for layer in backbone._flatten_layers(include_self=False):
+        layer.trainable = False
+    adapted = 0
+    for layer in backbone._flatten_layers(include_self=False):
+        if layer.name in target_names and hasattr(layer, "enable_lora") and layer.weights:
+            layer.trainable = True
+            layer.enable_lora(rank, lora_alpha=alpha)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.trainable = False
+            adapted += 1
+    if not adapted:
+        raise ValueError(
+            f"{type(backbone).__name__} has no layer named {sorted(target_names)} that supports LoRA."
+        )
+    return adapted

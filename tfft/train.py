@@ -210,6 +210,17 @@ def run(plan: RunPlan) -> RunResult:
         config.learning_rate, total_updates, warmup_updates, decay=config.lr_schedule
     )
 
+    if config.lora_rank is not None:
+        from tfft.models import enable_lora
+
+        adapted = enable_lora(classifier, config.lora_rank, config.lora_alpha)
+        logger.info(
+            "LoRA rank %d on %d layers: %d trainable parameters of %d",
+            config.lora_rank,
+            adapted,
+            sum(math.prod(v.shape) for v in classifier.trainable_variables),
+            classifier.count_params(),
+        )
     if config.gradient_checkpointing:
         from tfft.checkpointing import enable_gradient_checkpointing
 
