@@ -54,7 +54,7 @@ def test_update_changes_only_adapters_and_head(tmp_path):
         np.abs(v.numpy()).max() > 0 for v in model.trainable_variables if "lora_kernel_b" in v.path
     )
 
-    # The saved model holds merged kernels and no adapters, and predicts the same.
+    # The saved model has merged kernels and no adapters, and predicts the same.
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras", compile=False)
     assert not any("lora" in v.path for v in loaded.weights)
