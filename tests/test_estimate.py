@@ -85,3 +85,11 @@ def test_largest_micro_batch_against_a_budget():
     budget = estimate.estimate_memory(micro_batch_size=10, **options).total
     assert estimate.largest_micro_batch(budget, 64, **options) == 10
     assert estimate.largest_micro_batch(budget - 1, 64, **options) == 9
+
+
+def test_backward_workspace_term():
+    shape = estimate.ModelShape(100, 8, 2, 2, 16, 64, 2, 0.0)
+    result = estimate.estimate_memory(shape, 4, 32)
+    # 2p a s^2 b + 2p s b i with p = 4, a = 2, s = 32, b = 4, i = 16.
+    assert result.backward_workspace == 2 * 4 * 2 * 32 * 32 * 4 + 2 * 4 * 32 * 4 * 16
+    assert result.total == result.weights + result.gradients + result.optimizer_state + result.activations + result.backward_workspace

@@ -23,6 +23,9 @@ i, and a micro-batch of b sequences of s tokens:
   breakdown it follows. The embeddings add (2p + 1) s b h.
 - with gradient checkpointing, each layer keeps only its input (p s b h),
   and one layer's full activations exist at a time during recomputation.
+- the backward pass of one layer works on top of what is stored: the
+  gradients of its attention scores and softmax output (2p a s^2 b) and of
+  its feed-forward activations (2p s b i) exist at the same time.
 
 LoRA changes T (adapters and head) but not the activations. The estimate
 leaves out what the formula does not model: temporaries of single
@@ -122,11 +125,12 @@ class MemoryEstimate:
     optimizer_state: int
     activations_per_layer: int
     activations: int
+    backward_workspace: int
 
     @property
     def training(self) -> int:
-        """Bytes that training adds to a loaded model: gradients, optimizer state, activations."""
-        return self.gradients + self.optimizer_state + self.activations
+        """Bytes that training adds to a loaded model: gradients, optimizer state, activations, workspace."""
+        return self.gradients + self.optimizer_state + self.activations + self.backward_workspace
 
     @property
     def total(self) -> int:
@@ -177,6 +181,8 @@ def estimate_memory(
         activations = shape.layers * p * sbh + per_layer + embeddings
     else:
         activations = shape.layers * per_layer + embeddings
+    scores = shape.heads * length * length * micro_batch_size
+    workspace = 2 * p * scores + 2 * p * length * micro_batch_size * shape.intermediate
     return MemoryEstimate(
         parameters=parameters,
         trainable_parameters=trainable,
@@ -185,6 +191,7 @@ def estimate_memory(
         optimizer_state=8 * trainable,
         activations_per_layer=per_layer,
         activations=activations,
+        backward_workspace=workspace,
     )
 
 
@@ -268,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         ("gradients", estimate.gradients),
         ("optimizer state (AdamW)", estimate.optimizer_state),
         (f"activations ({shape.layers} layers, {estimate.activations_per_layer / GIB:.3f} GiB each)", estimate.activations),
+        ("backward pass of one layer", estimate.backward_workspace),
         ("total", estimate.total),
     ]
     for name, value in rows:
