@@ -28,4 +28,10 @@ model.compile(
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     metrics=["accuracy"],
 )
-model.fit(data, epochs=6, callbacks=[TrainingTelemetry("saved_models/example-fit/logs")], verbose=2)
+model.fit(
+    data,
+    epochs=6,
+    shuffle=False,  # the dataset shuffles itself
+    callbacks=[TrainingTelemetry("saved_models/example-fit/logs")],
+    verbose=2,
+)
