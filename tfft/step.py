@@ -142,6 +142,15 @@ def _slice_micro_batch(index, micro, batch_size, x, y, row_weights):
     return x_micro, y_micro, weights_micro
 
 
+def check_fine_tune_model(model, reason: str) -> None:
+    """Raises a TypeError unless `model` is a `FineTuneModel`; `reason` says why a callback needs one."""
+    if not isinstance(model, FineTuneModel):
+        raise TypeError(
+            f"{reason} Received a model of type {type(model).__name__}; wrap it in "
+            "tfft.FineTuneModel(model)."
+        )
+
+
 @keras.saving.register_keras_serializable(package="tfft")
 class FineTuneModel(keras.Model):
     """Wraps a Keras model with tfft's training step.
@@ -306,7 +315,7 @@ class FineTuneModel(keras.Model):
                 f"Received a strategy with {self.distribute_strategy.num_replicas_in_sync} "
                 "replicas; train on one device."
             )
-        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        inner = self._inner_optimizer
         # Keras keeps the schedule object only in the private `_learning_rate`;
         # the public `learning_rate` returns its current value.
         schedule = getattr(inner, "_learning_rate", None)
@@ -323,6 +332,11 @@ class FineTuneModel(keras.Model):
             self._per_element_loss = loss_object
         else:
             raise ValueError(f"Cannot use the loss {loss!r}: it is not callable.")
+
+    @property
+    def _inner_optimizer(self) -> keras.optimizers.Optimizer:
+        """The optimizer that owns the learning rate: the one inside a LossScaleOptimizer."""
+        return getattr(self.optimizer, "inner_optimizer", self.optimizer)
 
     @property
     def _uses_loss_scale(self) -> bool:
@@ -386,7 +400,7 @@ class FineTuneModel(keras.Model):
         Returns:
             The multiplier now in effect, relative to the compiled learning rate.
         """
-        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        inner = self._inner_optimizer
         new_multiplier = float(self.learning_rate_multiplier.numpy()) * factor
         if not isinstance(inner._learning_rate, ScaledSchedule):
             inner.learning_rate = float(inner.learning_rate) * factor
@@ -401,8 +415,7 @@ class FineTuneModel(keras.Model):
         Keras keeps as an optimizer variable, is left out: it is a setting
         that `scale_learning_rate` lowers, not state to roll back.
         """
-        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        rate = getattr(inner, "_learning_rate", None)
+        rate = getattr(self._inner_optimizer, "_learning_rate", None)
         optimizer_state = [v for v in self.optimizer.variables if v is not rate]
         return list(self.model.weights) + optimizer_state
 

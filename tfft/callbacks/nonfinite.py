@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfft.step import FineTuneModel, TrainingStopped
+from tfft.step import TrainingStopped, check_fine_tune_model
 
 __all__ = ["DivergenceError", "NonFiniteGuard"]
 
@@ -191,12 +191,7 @@ class NonFiniteGuard(keras.callbacks.Callback):
     # Per-run state. Reset in on_train_begin so one instance serves several fits.
 
     def on_train_begin(self, logs=None):
-        if not isinstance(self.model, FineTuneModel):
-            raise TypeError(
-                "NonFiniteGuard needs the per-update logs of tfft.FineTuneModel. "
-                f"Received a model of type {type(self.model).__name__}; wrap it in "
-                "tfft.FineTuneModel(model)."
-            )
+        check_fine_tune_model(self.model, "NonFiniteGuard needs the per-update logs of tfft.FineTuneModel.")
         self._recent_losses: collections.deque[float] = collections.deque(maxlen=self.window)
         self._consecutive_bad = 0
         # Whether a bad update of the current streak was applied (a spike),

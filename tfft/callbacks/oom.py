@@ -10,7 +10,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfft.step import FineTuneModel
+from tfft.step import FineTuneModel, check_fine_tune_model
 
 __all__ = ["OOMRetry", "OutOfMemoryError"]
 
@@ -78,12 +78,9 @@ class OOMRetry(keras.callbacks.Callback):
         self.log_dir = Path(log_dir) if log_dir is not None else None
 
     def on_train_begin(self, logs=None):
-        if not isinstance(self.model, FineTuneModel):
-            raise TypeError(
-                "OOMRetry reruns batches through tfft.FineTuneModel's train function. "
-                f"Received a model of type {type(self.model).__name__}; wrap it in "
-                "tfft.FineTuneModel(model)."
-            )
+        check_fine_tune_model(
+            self.model, "OOMRetry reruns batches through tfft.FineTuneModel's train function."
+        )
         self.model.out_of_memory_handler = self
         self._evaluation_only = False
         self.changes: list[dict[str, Any]] = []

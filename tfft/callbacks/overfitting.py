@@ -160,24 +160,26 @@ class OverfittingMonitor(keras.callbacks.Callback):
         if self._writer is not None:
             self._writer.close()
 
-    def _evaluate_now(self) -> None:
-        """Evaluates mid-epoch without disturbing the epoch's training metrics."""
+    def _evaluate(self, data) -> dict[str, float]:
+        """Evaluates `data` mid-training without disturbing the epoch's training metrics.
+
+        Keras' `evaluate` resets the metrics it shares with training, so their
+        values are put back afterwards.
+        """
         metric_variables = self.model.metrics_variables
         saved = [variable.numpy() for variable in metric_variables]
-        results = self.model.evaluate(self.validation_data, verbose=0, return_dict=True)
+        results = self.model.evaluate(data, verbose=0, return_dict=True)
         for variable, value in zip(metric_variables, saved):
             variable.assign(value)
-        logs = {f"val_{key}": float(value) for key, value in results.items()}
-        self.observe(logs)
+        return {key: float(value) for key, value in results.items()}
+
+    def _evaluate_now(self) -> None:
+        results = self._evaluate(self.validation_data)
+        self.observe({f"val_{key}": value for key, value in results.items()})
 
     def _training_loss(self, logs: dict[str, float]) -> float:
         if self.train_gap_data is not None:
-            metric_variables = self.model.metrics_variables
-            saved = [variable.numpy() for variable in metric_variables]
-            results = self.model.evaluate(self.train_gap_data, verbose=0, return_dict=True)
-            for variable, value in zip(metric_variables, saved):
-                variable.assign(value)
-            return float(results["loss"])
+            return self._evaluate(self.train_gap_data)["loss"]
         if self._window_losses:
             return float(np.mean(self._window_losses))
         return float(logs.get("loss", math.nan))

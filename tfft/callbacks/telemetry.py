@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -27,9 +28,14 @@ UPDATE_SCALARS = {
 }
 
 
+@functools.cache
+def _gpu_visible() -> bool:
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
 def memory_in_use() -> float | None:
     """Returns the memory in use in bytes: the GPU's when one is visible, else this process's resident memory."""
-    if tf.config.list_logical_devices("GPU"):
+    if _gpu_visible():
         return float(tf.config.experimental.get_memory_info("GPU:0")["current"])
     try:
         with open("/proc/self/statm", encoding="ascii") as statm:
