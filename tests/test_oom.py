@@ -59,7 +59,7 @@ def compile_model(model):
     return model
 
 
-def test_halves_until_it_fits_and_matches_a_small_micro_batch_run():
+def test_halving_matches_small_micro_batches():
     model = compile_model(FakeOutOfMemory(dense_model(), memory_limit=8))
     retry = OOMRetry()
     history = model.fit(data(), epochs=2, verbose=0, callbacks=[retry])
@@ -83,7 +83,7 @@ def test_halves_until_it_fits_and_matches_a_small_micro_batch_run():
     assert history.history["accuracy"] == twin_history.history["accuracy"]
 
 
-def test_out_of_memory_at_every_size_stops_at_one():
+def test_oom_at_every_size_stops():
     model = compile_model(FakeOutOfMemory(dense_model(), memory_limit=0))
     retry = OOMRetry()
     with pytest.raises(OutOfMemoryError, match="even with one example per micro-batch") as raised:

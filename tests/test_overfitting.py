@@ -50,7 +50,7 @@ def test_gap_rule_fires_at_expected_evaluation():
     assert not model.stop_training
 
 
-def test_trend_rule_fires_when_validation_stalls_and_training_falls():
+def test_trend_rule_on_stalled_validation():
     # Best accuracy 0.80 at evaluation 1; no improvement at 2, 3, 4 while the
     # training loss falls; the validation loss equals the training loss (no gap).
     evaluations = [

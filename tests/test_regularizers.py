@@ -25,7 +25,7 @@ def zero_loss(y_true, y_pred):
     return 0.0 * tf.reduce_sum(y_pred, axis=-1)
 
 
-def test_decay_with_zero_gradient_multiplies_kernels_by_0_9999():
+def test_decay_with_zero_gradient():
     inner = model_with_every_kind_of_variable()
     before = {v.path: v.numpy().copy() for v in inner.trainable_variables}
     model = FineTuneModel(inner)

@@ -50,7 +50,7 @@ def kernel(model: FineTuneModel) -> np.ndarray:
 
 
 def test_clip_once_after_accumulation():
-    # Micro-batch 1 holds two rows [2, 0] (mean gradient [2, 0]), micro-batch 2
+    # Micro-batch 1 has two rows [2, 0] (mean gradient [2, 0]), micro-batch 2
     # two rows [0, 2] (mean [0, 2]); the global mean gradient is [1, 1].
     x = np.array([[2, 0], [2, 0], [0, 2], [0, 2]], np.float32)
     y = np.zeros(4, np.float32)

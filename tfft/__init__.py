@@ -1,7 +1,7 @@
 """tfft: fine-tune language models with Keras 3 on TensorFlow, and keep the run healthy.
 
-The training model and callbacks load TensorFlow; they are imported on first
-use, so that `python -m tfft.train --help` and option checks answer at once.
+The training model and callbacks load TensorFlow, so they are imported on
+first use: `python -m tfft.train --help` and option checks then return at once.
 """
 
 from __future__ import annotations

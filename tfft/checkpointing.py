@@ -71,8 +71,8 @@ def enable_gradient_checkpointing(backbone) -> int:
         original_call = layer.call
 
         def call(inputs, *args, _original_call=original_call, **kwargs):
-            # Masks, `training` and other arguments are closed over: they are
-            # not differentiated, and the recomputation sees the same values.
+            # Masks, `training` and other arguments are closed over, so they are
+            # not differentiated and the recomputation gets the same values.
             def forward(layer_inputs):
                 return _original_call(layer_inputs, *args, **kwargs)
 

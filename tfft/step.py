@@ -12,8 +12,8 @@ with ones that keep the contracts of the training step:
 3. Order: scale the loss (float16 only), sum the gradients of each micro-batch
    in float32, unscale, take the global norm in float32, check finiteness,
    clip to `max_grad_norm`, then one optimizer update (weight decay included).
-4. A non-finite loss or gradient changes no weight and no optimizer state; the
-   update count does not advance, `skipped_steps` increases, and under
+4. A non-finite loss or gradient changes no weight and no optimizer state.
+   The update count does not advance, `skipped_steps` increases, and under
    float16 the loss scale halves.
 """
 
@@ -28,10 +28,10 @@ __all__ = ["FineTuneModel", "ScaledSchedule", "TrainingStopped", "global_norm"]
 
 logger = logging.getLogger(__name__)
 
-# The dynamic loss scale never halves below this. Reaching it means that every
-# update for about 30 halvings in a row overflowed, which the divergence guard
-# reports long before; the floor keeps the scale from underflowing to 0, after
-# which no update could ever succeed again.
+# The dynamic loss scale never halves below this. From the default 2**15 it
+# takes 30 skipped updates to get here, and the divergence guard acts long
+# before. The floor keeps the scale from underflowing to 0, because no update
+# could succeed after that.
 MIN_LOSS_SCALE = 2.0**-15
 
 _REJECTED_OPTIMIZER_OPTIONS = {
@@ -257,8 +257,8 @@ class FineTuneModel(keras.Model):
 
     @micro_batch_size.setter
     def micro_batch_size(self, value: int | None) -> None:
-        # The size is a Python constant of the traced step, so that XLA sees
-        # static shapes; the train function traces the step anew on its next
+        # The size is a Python constant of the traced step, so that XLA gets
+        # static shapes. The train function traces the step anew on its next
         # call (see `_make_retrying_function`).
         self._check_size("micro_batch_size", value)
         self._micro_batch_size = value
@@ -638,7 +638,7 @@ class FineTuneModel(keras.Model):
         self._last_finite_gradient_norms.assign(self._gradient_norms)
         if self._uses_loss_scale:
             # LossScaleOptimizer unscales what it receives and counts clean steps
-            # toward growing the scale; hand it the clipped gradient rescaled by
+            # toward growing the scale. It gets the clipped gradient rescaled by
             # the same power of two, which round-trips exactly.
             scale = self.optimizer.dynamic_scale
             self.optimizer.apply([g * scale for g in gradients], variables)

@@ -9,8 +9,8 @@ embedding is nearest by cosine similarity.
 Each training example is augmented with probability `probability`, by one
 operation drawn from those configured, changing about a tenth of its words
 (at least one). Randomness is stateless and seeded from `tf.data.Dataset.random`,
-which draws a new sequence each epoch: runs with the same seed augment the
-same way, and every epoch sees new variants. Evaluation data is never
+which draws a new sequence each epoch. Runs with the same seed augment the
+same way, and every epoch gets new variants. Evaluation data is never
 augmented.
 """
 
