@@ -3,11 +3,12 @@
 Each transformer layer's forward pass runs under `tf.recompute_grad`: its
 inner activations are not kept for the backward pass but computed again
 from the layer's input, trading one more forward pass per layer for memory.
-`keras.RematScope` cannot do this on keras-hub's BERT under the TensorFlow
-backend (checked with Keras 3.15 and keras-hub 0.32: its "list_of_layers"
-and "larger_than" modes fail with a slicing error inside the remat wrapper,
-and "activations" leaves trainable weights without gradients), so tfft wraps
-the layers itself.
+`keras.RematScope` did not work on keras-hub's BERT under the TensorFlow
+backend in an earlier trial on this project. Its "list_of_layers" and
+"larger_than" modes raised a slicing error inside the remat wrapper, and
+"activations" left trainable weights without gradients. tfft therefore
+wraps the layers itself.
+NOTE: that trial predates Keras 3.15 and keras-hub 0.32 and was not rerun.
 
 Dropout is refused inside checkpointed layers. Keras dropout draws its mask
 from a seed generator whose state advances on every call, so the

@@ -143,7 +143,7 @@ def _slice_micro_batch(index, micro, batch_size, x, y, row_weights):
 
 
 def check_fine_tune_model(model, reason: str) -> None:
-    """Raises a TypeError unless `model` is a `FineTuneModel`; `reason` says why a callback needs one."""
+    """Raises a TypeError unless `model` is a `FineTuneModel`; `reason` explains why a callback needs one."""
     if not isinstance(model, FineTuneModel):
         raise TypeError(
             f"{reason} Received a model of type {type(model).__name__}; wrap it in "
