@@ -1,17 +1,26 @@
 """The memory estimate of tfft.estimate against measured peaks, one configuration per fresh process.
 
-For each configuration of the bundled MiniLM (sequence length, micro-batch,
-precision, gradient checkpointing; dropout 0 everywhere, so that
-checkpointing is allowed and all rows compare alike), a child process loads
-the model, records its resident memory as the baseline, then runs two
-training steps on one global batch of that micro-batch size while a thread
-samples the resident memory every 5 ms. Measured = peak - baseline, which
-holds gradients, optimizer state and activations, the same terms as the
-estimate's `training` (weights are in the baseline). On a GPU the child
-would read TensorFlow's peak device memory instead; this script measures
-the CPU only.
+Each configuration of the bundled MiniLM (sequence length, micro-batch,
+precision, gradient checkpointing, dropout) runs in a child process. The
+child loads the model and records its resident memory and TensorFlow's
+allocated bytes as the baseline. It then runs two training steps on one
+global batch of that micro-batch size, while a thread samples the resident
+memory every 5 ms.
+Two comparisons, both above the baseline (weights are in it):
 
-    python benchmarks/memory_estimate.py [--configs 128x8,512x32,...] [--precisions float32,mixed_bfloat16]
+- process: the peak resident memory against the estimate's `training`
+  (gradients, optimizer state, the step's peak, runtime overhead). This is
+  the number that decides whether a run fits on the CPU.
+- tensors: TensorFlow's peak allocated bytes (`get_memory_info("CPU:0")`,
+  which the oneDNN CPU allocator provides) against the estimate's
+  `tensors`, which leaves out the runtime overhead. This checks the
+  formula alone.
+
+Gradient checkpointing rejects dropout, so it runs only where dropout is 0.
+On a GPU the child would read TensorFlow's peak device memory instead;
+this script measures the CPU only.
+
+    python benchmarks/memory_estimate.py [--configs 128x8,512x32,...] [--precisions float32,mixed_bfloat16] [--dropouts 0,0.1]
 """
 
 from __future__ import annotations
@@ -34,8 +43,8 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(length: int, micro: int, precision: str, checkpointing: bool) -> dict:
-    """Runs in the child process: returns the measured peak above baseline and step times."""
+def measure(length: int, micro: int, precision: str, checkpointing: bool, dropout: float) -> dict:
+    """Runs in the child process: returns the measured peaks above baseline and step times."""
     import gc
 
     import keras
@@ -47,7 +56,7 @@ def measure(length: int, micro: int, precision: str, checkpointing: bool) -> dic
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy(precision)
-    classifier = load_classifier(bundled_model_dir(), 2, length, dropout=0.0)
+    classifier = load_classifier(bundled_model_dir(), 2, length, dropout=dropout)
     if checkpointing:
         from tfft.checkpointing import enable_gradient_checkpointing
 
@@ -67,6 +76,8 @@ def measure(length: int, micro: int, precision: str, checkpointing: bool) -> dic
     data = tf.data.Dataset.from_tensors((features, labels)).repeat(2)
     gc.collect()
     baseline = resident_bytes()
+    tensor_baseline = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    tf.config.experimental.reset_memory_stats("CPU:0")
 
     peak = [baseline]
     done = threading.Event()
@@ -92,64 +103,85 @@ def measure(length: int, micro: int, precision: str, checkpointing: bool) -> dic
     model.fit(data, epochs=1, verbose=0, callbacks=[times])
     done.set()
     sampler.join()
-    return {"measured": peak[0] - baseline, "first_step_seconds": times.seconds[0], "step_seconds": times.seconds[1]}
+    tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - tensor_baseline
+    return {"measured": peak[0] - baseline, "tensors": tensor_peak, "first_step_seconds": times.seconds[0], "step_seconds": times.seconds[1]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="128x8,128x32,512x8,512x32", help="LENGTHxMICRO, comma-separated.")
     parser.add_argument("--precisions", default="float32,mixed_bfloat16")
+    parser.add_argument("--dropouts", default="0", help="Dropout rates, comma-separated.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        length, micro, precision, checkpointing = json.loads(args.child)
-        print(json.dumps(measure(length, micro, precision, checkpointing)))
+        print(json.dumps(measure(*json.loads(args.child))))
         return
 
-    from tfft.estimate import estimate_memory, model_shape
+    from tfft.estimate import model_shape
     from tfft.models import bundled_model_dir
 
     shape = model_shape(bundled_model_dir())
     rows = []
-    for precision in args.precisions.split(","):
-        for config in args.configs.split(","):
-            length, micro = (int(part) for part in config.split("x"))
-            for checkpointing in (False, True):
-                child = subprocess.run(
-                    [sys.executable, __file__, "--child", json.dumps([length, micro, precision, checkpointing])],
-                    capture_output=True, text=True,
-                )
-                if child.returncode != 0:
-                    print(f"{precision} {config} checkpointing={checkpointing}: failed\n{child.stderr[-2000:]}")
-                    continue
-                result = json.loads(child.stdout.strip().splitlines()[-1])
-                estimate = estimate_memory(
-                    shape, micro, length, precision, gradient_checkpointing=checkpointing, dropout=0.0
-                )
-                row = {
-                    "precision": precision, "length": length, "micro": micro, "checkpointing": checkpointing,
-                    "estimate_gib": estimate.training / GIB, "measured_gib": result["measured"] / GIB,
-                    "ratio": estimate.training / result["measured"], "step_seconds": result["step_seconds"],
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for dropout in (float(rate) for rate in args.dropouts.split(",")):
+        for precision in args.precisions.split(","):
+            for config in args.configs.split(","):
+                length, micro = (int(part) for part in config.split("x"))
+                for checkpointing in (False, True) if dropout == 0 else (False,):
+                    row = run_child(shape, length, micro, precision, checkpointing, dropout)
+                    if row:
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
 
     print()
-    print(f"{'precision':<16}{'length':>7}{'micro':>6}{'ckpt':>6}{'estimate GiB':>14}{'measured GiB':>14}"
-          f"{'est/meas':>10}{'step s':>8}")
+    print(f"{'precision':<16}{'dropout':>8}{'length':>7}{'micro':>6}{'ckpt':>6}"
+          f"{'process: est':>14}{'measured':>10}{'ratio':>7}{'tensors: est':>14}{'measured':>10}{'ratio':>7}{'step s':>8}")
     for row in rows:
-        print(f"{row['precision']:<16}{row['length']:>7}{row['micro']:>6}{'yes' if row['checkpointing'] else 'no':>6}"
-              f"{row['estimate_gib']:>14.3f}{row['measured_gib']:>14.3f}{row['ratio']:>10.2f}{row['step_seconds']:>8.2f}")
+        print(f"{row['precision']:<16}{row['dropout']:>8g}{row['length']:>7}{row['micro']:>6}"
+              f"{'yes' if row['checkpointing'] else 'no':>6}"
+              f"{row['estimate_gib']:>14.3f}{row['measured_gib']:>10.3f}{row['ratio']:>7.2f}"
+              f"{row['tensor_estimate_gib']:>14.3f}{row['tensor_measured_gib']:>10.3f}{row['tensor_ratio']:>7.2f}"
+              f"{row['step_seconds']:>8.2f}")
+    ratios = [row["ratio"] for row in rows]
+    if ratios:
+        print(f"process ratio from {min(ratios):.2f} to {max(ratios):.2f}; "
+              f"{sum(abs(r - 1) <= 0.15 for r in ratios)} of {len(ratios)} within 15%")
     for precision in args.precisions.split(","):
         for micro in sorted({row["micro"] for row in rows if row["length"] == 512}):
-            pair = {row["checkpointing"]: row for row in rows
-                    if row["precision"] == precision and row["length"] == 512 and row["micro"] == micro}
+            pair = {row["checkpointing"]: row for row in rows if row["precision"] == precision
+                    and row["length"] == 512 and row["micro"] == micro and row["dropout"] == 0}
             if len(pair) == 2:
                 print(f"{precision}, length 512, micro-batch {micro}: peak with checkpointing / without = "
                       f"{pair[True]['measured_gib'] / pair[False]['measured_gib']:.2f}, step time "
                       f"{pair[True]['step_seconds']:.2f} s / {pair[False]['step_seconds']:.2f} s")
 
+
+def run_child(shape, length: int, micro: int, precision: str, checkpointing: bool, dropout: float) -> dict | None:
+    """Measures one configuration in a fresh process; returns its row, or None when the child failed."""
+    from tfft.estimate import estimate_memory
+
+    child = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps([length, micro, precision, checkpointing, dropout])],
+        capture_output=True, text=True,
+    )
+    if child.returncode != 0:
+        print(f"{precision} {length}x{micro} checkpointing={checkpointing} dropout={dropout:g}: failed\n"
+              f"{child.stderr[-2000:]}")
+        return None
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    estimate = estimate_memory(
+        shape, micro, length, precision, gradient_checkpointing=checkpointing, dropout=dropout
+    )
+    return {
+        "precision": precision, "dropout": dropout, "length": length, "micro": micro,
+        "checkpointing": checkpointing,
+        "estimate_gib": estimate.training / GIB, "measured_gib": result["measured"] / GIB,
+        "ratio": estimate.training / result["measured"],
+        "tensor_estimate_gib": estimate.tensors / GIB, "tensor_measured_gib": result["tensors"] / GIB,
+        "tensor_ratio": estimate.tensors / result["tensors"],
+        "step_seconds": result["step_seconds"],
+    }
 
 if __name__ == "__main__":
     main()
