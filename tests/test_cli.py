@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from tfft import predict, train
+from tfft import estimate, predict, train
 from tfft.data.sources import DEMO_DIR
 
 
@@ -167,9 +167,27 @@ def test_gradient_checkpointing_option(tiny_preset, tmp_path, caplog):
     caplog.set_level("INFO")
     assert train.main(
         ["--model", str(tiny_preset), "--max-steps", "2", "--max-length", "16", "--dropout", "0",
-         "--gradient-checkpointing", "--output-dir", str(tmp_path / "run")]
+         "--batch-size", "8", "--gradient-checkpointing", "--output-dir", str(tmp_path / "run")]
     ) == 0
     assert "gradient checkpointing on 2 transformer layers" in caplog.text
+    expected = estimate.estimate_memory(
+        estimate.model_shape(tiny_preset), 8, 16, gradient_checkpointing=True, dropout=0.0
+    )
+    assert (
+        f"estimated memory for training at micro-batch 8 x 16 tokens: {expected.training / estimate.GIB:.2f} GiB"
+        in caplog.text
+    )
+
+
+def test_train_warns_when_estimate_exceeds_memory(tiny_preset, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(estimate, "available_memory", lambda: 2**20)
+    caplog.set_level("INFO")
+    assert train.main(
+        ["--model", str(tiny_preset), "--max-steps", "1", "--max-length", "16",
+         "--output-dir", str(tmp_path / "run")]
+    ) == 0
+    assert "exceeds the 0.00 GiB available, so the run may run out of memory" in caplog.text
+    assert "out-of-memory recovery then halves the micro-batch" in caplog.text
 
 
 def test_lora_option_saves_a_merged_model(tiny_preset, tmp_path, caplog):

@@ -275,6 +275,8 @@ def run(plan: RunPlan) -> RunResult:
                 size,
             )
 
+    _log_memory_estimate(plan, model.micro_batch_size or config.batch_size)
+
     output_dir = plan.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = config.to_dict()
@@ -411,6 +413,54 @@ def run(plan: RunPlan) -> RunResult:
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics_record, indent=2) + "\n", encoding="utf-8")
     return RunResult(output_dir, metrics_record)
+
+
+def _log_memory_estimate(plan: RunPlan, micro_batch_size: int) -> None:
+    """Logs `tfft.estimate`'s memory for this run, and warns when it exceeds the memory available now."""
+    import tensorflow as tf
+
+    from tfft.estimate import GIB, available_memory, estimate_memory, gpu_memory, model_shape
+
+    config = plan.config
+    try:
+        shape = model_shape(plan.model_dir)
+    except (ValueError, KeyError):
+        logger.info("no memory estimate: %s is not a BERT-family encoder, which the estimate covers", plan.model_dir)
+        return
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    estimate = estimate_memory(
+        shape,
+        micro_batch_size,
+        config.max_length,
+        config.precision,
+        num_labels=plan.num_labels,
+        gradient_checkpointing=config.gradient_checkpointing,
+        lora_rank=config.lora_rank,
+        dropout=config.dropout,
+        device="gpu" if on_gpu else "cpu",
+    )
+    # TensorFlow and the weights are already in this process, so on the CPU
+    # only what training adds must fit in the memory available now.
+    if on_gpu:
+        required, available, where = estimate.weights + estimate.training, gpu_memory(), "on the GPU"
+    else:
+        required, available, where = estimate.training, available_memory(), "available"
+    logger.info(
+        "estimated memory for training at micro-batch %d x %d tokens: %.2f GiB (python -m tfft.estimate)",
+        micro_batch_size,
+        config.max_length,
+        required / GIB,
+    )
+    if available is not None and required > available:
+        logger.warning(
+            "the estimate, %.2f GiB, exceeds the %.2f GiB %s, so the run may run out of memory%s. "
+            "Lower --micro-batch-size or --max-length, or use --precision mixed_bfloat16, "
+            "--gradient-checkpointing or --lora-rank.",
+            required / GIB,
+            available / GIB,
+            where,
+            " (out-of-memory recovery then halves the micro-batch)" if config.oom_retry else "",
+        )
 
 
 def _build_augmenter(config: TrainConfig, classifier, examples: TextExamples):
