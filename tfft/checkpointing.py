@@ -3,12 +3,14 @@
 Each transformer layer's forward pass runs under `tf.recompute_grad`: its
 inner activations are not kept for the backward pass but computed again
 from the layer's input, trading one more forward pass per layer for memory.
-`keras.RematScope` did not work on keras-hub's BERT under the TensorFlow
-backend in an earlier trial on this project. Its "list_of_layers" and
-"larger_than" modes raised a slicing error inside the remat wrapper, and
-"activations" left trainable weights without gradients. tfft therefore
-wraps the layers itself.
-NOTE: that trial predates Keras 3.15 and keras-hub 0.32 and was not rerun.
+`keras.RematScope` does not do this for keras-hub's BERT under the
+TensorFlow backend (Keras 3.15, keras-hub 0.32, tried on a 2-layer
+backbone). "full" fails on a slicing step inside the backbone, and
+"larger_than" fails eagerly on an attribute error. Under `tf.function`,
+which `fit` uses, "list_of_layers" fails as well, because TensorFlow's
+`custom_gradient` takes keyword arguments (the layer's masks) only
+eagerly. "activations" works but recomputes only the activation
+functions. tfft therefore wraps the layers itself.
 
 Dropout is refused inside checkpointed layers. Keras dropout draws its mask
 from a seed generator whose state advances on every call, so the
