@@ -53,7 +53,7 @@ d is 1 when dropout is on and 0 otherwise.
   pass of one layer, and the update.
 - runtime overhead, fitted to measurements rather than derived: the
   process's peak resident memory minus TensorFlow's peak allocated bytes,
-  over 43 runs of 2-, 4-, 6- and 12-layer models, fits 0.04 GiB per
+  over 42 runs of 2-, 4-, 6- and 12-layer models, fits 0.04 GiB per
   transformer layer plus 9% of the tensor memory (least squares; single
   runs scatter from 0.07 to 1.25 GiB). The per-layer part appears in the
   first step only and grows with the layers, so it is most likely the
