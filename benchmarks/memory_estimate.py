@@ -17,8 +17,11 @@ Two comparisons, both above the baseline (weights are in it):
   formula alone.
 
 Gradient checkpointing rejects dropout, so it runs only where dropout is 0.
-On a GPU the child would read TensorFlow's peak device memory instead;
-this script measures the CPU only.
+When TensorFlow sees a GPU, the child trains there and both comparisons
+use TensorFlow's peak device memory (`get_memory_info("GPU:0")`) against
+the estimate for `device="gpu"`; the process's resident memory says
+nothing about the GPU.
+NOTE: that GPU path has not run yet (no GPU where it was written).
 
     python benchmarks/memory_estimate.py [--configs 128x8,512x32,...] [--precisions float32,mixed_bfloat16] [--dropouts 0,0.1]
 """
@@ -76,8 +79,9 @@ def measure(length: int, micro: int, precision: str, checkpointing: bool, dropou
     data = tf.data.Dataset.from_tensors((features, labels)).repeat(2)
     gc.collect()
     baseline = resident_bytes()
-    tensor_baseline = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    tf.config.experimental.reset_memory_stats("CPU:0")
+    device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+    tensor_baseline = tf.config.experimental.get_memory_info(device)["current"]
+    tf.config.experimental.reset_memory_stats(device)
 
     peak = [baseline]
     done = threading.Event()
@@ -103,8 +107,15 @@ def measure(length: int, micro: int, precision: str, checkpointing: bool, dropou
     model.fit(data, epochs=1, verbose=0, callbacks=[times])
     done.set()
     sampler.join()
-    tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - tensor_baseline
-    return {"measured": peak[0] - baseline, "tensors": tensor_peak, "first_step_seconds": times.seconds[0], "step_seconds": times.seconds[1]}
+    tensor_peak = tf.config.experimental.get_memory_info(device)["peak"] - tensor_baseline
+    on_gpu = device.startswith("GPU")
+    return {
+        "device": "gpu" if on_gpu else "cpu",
+        "measured": tensor_peak if on_gpu else peak[0] - baseline,
+        "tensors": tensor_peak,
+        "first_step_seconds": times.seconds[0],
+        "step_seconds": times.seconds[1],
+    }
 
 
 def main() -> None:
@@ -135,6 +146,9 @@ def main() -> None:
                         print(json.dumps(row), flush=True)
 
     print()
+    if rows:
+        print("Measured on the GPU: device memory in both columns." if rows[0]["device"] == "gpu"
+              else "Measured on the CPU: process = peak resident memory, tensors = TensorFlow's peak allocated bytes.")
     print(f"{'precision':<16}{'dropout':>8}{'length':>7}{'micro':>6}{'ckpt':>6}"
           f"{'process: est':>14}{'measured':>10}{'ratio':>7}{'tensors: est':>14}{'measured':>10}{'ratio':>7}{'step s':>8}")
     for row in rows:
@@ -171,10 +185,11 @@ def run_child(shape, length: int, micro: int, precision: str, checkpointing: boo
         return None
     result = json.loads(child.stdout.strip().splitlines()[-1])
     estimate = estimate_memory(
-        shape, micro, length, precision, gradient_checkpointing=checkpointing, dropout=dropout
+        shape, micro, length, precision, gradient_checkpointing=checkpointing, dropout=dropout,
+        device=result["device"],
     )
     return {
-        "precision": precision, "dropout": dropout, "length": length, "micro": micro,
+        "device": result["device"], "precision": precision, "dropout": dropout, "length": length, "micro": micro,
         "checkpointing": checkpointing,
         "estimate_gib": estimate.training / GIB, "measured_gib": result["measured"] / GIB,
         "ratio": estimate.training / result["measured"],
@@ -182,6 +197,7 @@ def run_child(shape, length: int, micro: int, precision: str, checkpointing: boo
         "tensor_ratio": estimate.tensors / result["tensors"],
         "step_seconds": result["step_seconds"],
     }
+
 
 if __name__ == "__main__":
     main()
