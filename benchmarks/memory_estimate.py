@@ -17,10 +17,10 @@ Two comparisons, both above the baseline (weights are in it):
   formula alone.
 
 Gradient checkpointing rejects dropout, so it runs only where dropout is 0.
-When TensorFlow sees a GPU, the child trains there and both comparisons
-use TensorFlow's peak device memory (`get_memory_info("GPU:0")`) against
-the estimate for `device="gpu"`; the process's resident memory says
-nothing about the GPU.
+When a GPU is visible to TensorFlow, the child trains there, and both
+comparisons use TensorFlow's peak device memory (`get_memory_info("GPU:0")`)
+against the estimate for `device="gpu"`, because the process's resident
+memory does not include the GPU's.
 NOTE: that GPU path has not run yet (no GPU where it was written).
 
     python benchmarks/memory_estimate.py [--configs 128x8,512x32,...] [--precisions float32,mixed_bfloat16] [--dropouts 0,0.1]
