@@ -191,3 +191,11 @@ def test_gradient_checkpointing_needs_dropout_zero():
         "its own, 0.1 for BERT). A recomputed layer would draw a different dropout mask than "
         "its forward pass."
     ]
+
+
+def test_max_length_beyond_model_positions(tiny_preset):
+    problems = problems_of(["--model", str(tiny_preset), "--max-length", "100"])
+    assert problems == [
+        f"--max-length: the model in {str(tiny_preset)!r} has 64 positions, received 100. "
+        "Pass --max-length 64 or less."
+    ]

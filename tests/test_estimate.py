@@ -185,3 +185,38 @@ def test_command_defaults_to_visible_gpu(tiny_preset, monkeypatch, capsys):
     assert "on the GPU" in printed
     assert "Budget: 16.0 GiB (the GPU's memory)" in printed
     assert "framework" not in printed
+
+
+def test_command_suggests_micro_batch_that_fits(tiny_preset, capsys):
+    shape = estimate.model_shape(tiny_preset)
+    budget = estimate.estimate_memory(shape, 10, 16).total
+    memory = f"{budget / estimate.GIB:.12f}"
+    status = estimate.main(["--model", str(tiny_preset), "--max-length", "16", "--memory", memory])
+    printed = capsys.readouterr().out
+    assert status == 1
+    assert "Largest micro-batch that fits: 10." in printed
+    assert "pass --micro-batch-size 10" in printed
+
+
+def test_command_nothing_fits(tiny_preset, capsys):
+    status = estimate.main(["--model", str(tiny_preset), "--max-length", "16", "--memory", "0.5", "--lora-rank", "2"])
+    printed = capsys.readouterr().out
+    assert status == 1
+    assert "Even a micro-batch of 1 does not fit" in printed
+    assert "use LoRA" not in printed  # LoRA is already on
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--gradient-checkpointing"], "--gradient-checkpointing: needs --dropout 0"),
+        (["--micro-batch-size", "64"], "--micro-batch-size: must not exceed --batch-size (32), received 64"),
+        (["--max-length", "128"], "has 64 positions, received 128. Pass --max-length 64 or less."),
+        (["--max-length", "4"], "--max-length: must be between 8 and 8192 tokens, received 4."),
+        (["--memory", "inf"], "--memory: must be a positive number of GiB, received inf."),
+        (["--dropout", "2"], "--dropout: must be in [0, 1), received 2.0."),
+    ],
+)
+def test_command_rejects_what_train_rejects(tiny_preset, capsys, options, message):
+    assert estimate.main(["--model", str(tiny_preset), *options]) == 2
+    assert message in capsys.readouterr().err

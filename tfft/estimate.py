@@ -56,8 +56,8 @@ d is 1 when dropout is on and 0 otherwise.
   over 42 runs of 2-, 4-, 6- and 12-layer models, fits 0.04 GiB per
   transformer layer plus 9% of the tensor memory (least squares; single
   runs scatter from 0.07 to 1.25 GiB). The per-layer part appears in the
-  first step only and grows with the layers, so it is most likely the
-  traced, optimized and instantiated graphs of the step; the rest is
+  first step only and grows with the layers. It is most likely the
+  traced, optimized and instantiated graphs of the step, and the rest is
   allocator slack. `benchmarks/memory_estimate.py` compares the whole
   estimate with measured peaks (results in `benchmarks/RESULTS.md`). On a
   GPU the graphs live in host memory, so only the 9% applies.
@@ -66,6 +66,12 @@ d is 1 when dropout is on and 0 otherwise.
   0.8 GiB of process memory once imported (measured with TensorFlow 2.21).
 
 LoRA changes T (adapters and head) but not the activations.
+
+`MemoryEstimate.total` is framework + weights + gradients + optimizer state
++ step peak + runtime overhead. `MemoryEstimate.training` leaves out the
+framework and the weights, which a process has before its first step; it
+is what `tfft.train` logs and what `benchmarks/memory_estimate.py`
+compares with the measured peak above the loaded model.
 """
 
 from __future__ import annotations
@@ -318,12 +324,19 @@ def available_memory() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Prints the estimate of one configuration; returns the exit status."""
-    from tfft.models import bundled_model_dir, check_model_folder
+    """Prints the estimate of one configuration.
+
+    Returns:
+        0 when the configuration fits the budget, 1 when it does not, and
+        2 for invalid options.
+    """
+    from tfft.config import TrainConfig, validate_options
+    from tfft.models import bundled_model_dir, check_max_length, check_model_folder
 
     parser = argparse.ArgumentParser(
         prog="python -m tfft.estimate",
-        description="Estimate the memory of fine-tuning, before the run.",
+        description="Estimate the memory of fine-tuning, before the run. Exits with 0 when the "
+        "configuration fits the budget, 1 when it does not, 2 for invalid options.",
     )
     parser.add_argument("--model", help="Model folder, as for tfft.train. Defaults to the bundled MiniLM.")
     parser.add_argument("--max-length", type=int, default=128, help="Tokens per sequence. Defaults to 128.")
@@ -332,22 +345,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=sorted(PRECISION_BYTES), default="float32", help="Defaults to float32.")
     parser.add_argument("--num-labels", type=int, default=2, help="Classes. Defaults to 2.")
     parser.add_argument("--dropout", type=float, help="Dropout rate. Defaults to the model's.")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="Estimate with gradient checkpointing.")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="Estimate with gradient checkpointing (needs --dropout 0).")
     parser.add_argument("--lora-rank", type=int, help="Estimate LoRA of this rank.")
     parser.add_argument("--memory", type=float, help="Budget in GiB. Defaults to the GPU's memory, or this machine's available memory.")
     parser.add_argument("--device", choices=("cpu", "gpu"), help="Where the run trains. Defaults to gpu when nvidia-smi shows one, else cpu.")
     args = parser.parse_args(argv)
 
+    # The options shared with tfft.train get the same checks, so the estimate
+    # does not describe a run that tfft.train rejects.
+    shared = TrainConfig(
+        max_length=args.max_length, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        precision=args.precision, num_labels=args.num_labels, dropout=args.dropout,
+        gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank,
+    )
+    problems = validate_options(shared)
     folder = Path(args.model) if args.model else bundled_model_dir()
-    problems = check_model_folder(folder)
-    for name in ("max_length", "batch_size", "micro_batch_size", "num_labels", "lora_rank"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            problems.append(f"--{name.replace('_', '-')}: must be a positive integer, received {value}.")
-    if args.memory is not None and not args.memory > 0:
+    model_problems = check_model_folder(folder)
+    problems += model_problems
+    shape = None
+    if not model_problems:
+        problems += check_max_length(folder, args.max_length)
+        try:
+            shape = model_shape(folder)
+        except ValueError as error:
+            problems.append(f"--model: {error}")
+    if args.memory is not None and not (args.memory > 0 and math.isfinite(args.memory)):
         problems.append(f"--memory: must be a positive number of GiB, received {args.memory:g}.")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        problems.append(f"--dropout: must be in [0, 1), received {args.dropout:g}.")
     gpu = gpu_memory()
     device = args.device or ("gpu" if gpu else "cpu")
     if device == "gpu" and gpu is None and args.memory is None:
@@ -355,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("Cannot estimate:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
-    shape = model_shape(folder)
-    micro = min(args.micro_batch_size or args.batch_size, args.batch_size)
+
+    micro = args.micro_batch_size or args.batch_size
     options = dict(
         shape=shape, length=args.max_length, precision=args.precision, num_labels=args.num_labels,
         gradient_checkpointing=args.gradient_checkpointing, lora_rank=args.lora_rank, dropout=args.dropout,
@@ -375,31 +398,46 @@ def main(argv: list[str] | None = None) -> int:
           + (", gradient checkpointing" if args.gradient_checkpointing else "")
           + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "") + f", on the {device.upper()}")
     backward_peak = estimate.activations + estimate.backward_workspace
+    if args.gradient_checkpointing:
+        stored = f"layer inputs + 1 recomputed layer of {estimate.activations_per_layer / GIB:.3f} GiB"
+    else:
+        stored = f"{shape.layers} layers of {estimate.activations_per_layer / GIB:.3f} GiB"
+    peak_source = "activations + backward pass" if backward_peak >= estimate.update else "update"
     rows = [
-        ("weights", estimate.weights, ""),
-        ("gradients (running sum)", estimate.gradients, ""),
-        ("optimizer state (AdamW)", estimate.optimizer_state, ""),
-        (f"activations ({estimate.activations_per_layer / GIB:.3f} GiB per layer)", estimate.activations, ""),
-        ("backward pass of one layer", estimate.backward_workspace, ""),
-        ("update (normalized and clipped gradients)", estimate.update, ""),
-        ("step peak (the larger of the two above)", estimate.step_peak,
-         "activations + backward" if backward_peak >= estimate.update else "update"),
-        ("runtime overhead", estimate.runtime_overhead, "graphs and allocator" if device == "cpu" else "allocator"),
+        ("weights", estimate.weights),
+        ("gradients (running sum)", estimate.gradients),
+        ("optimizer state (AdamW)", estimate.optimizer_state),
+        (f"step peak: larger of (a) and (b), here {peak_source}", estimate.step_peak),
+        (f"  (a) activations ({stored})", estimate.activations),
+        ("      + backward pass of one layer", estimate.backward_workspace),
+        ("  (b) update (normalized and clipped gradients)", estimate.update),
+        ("runtime overhead (" + ("graphs and allocator" if device == "cpu" else "allocator") + ")",
+         estimate.runtime_overhead),
     ]
     if device == "cpu":
-        rows.append(("framework (TensorFlow, Keras, keras-hub)", estimate.framework, ""))
-    rows.append(("total", estimate.total, ""))
-    for name, value, remark in rows:
-        print(f"  {name:<46}{value / GIB:>9.3f} GiB" + (f"  ({remark})" if remark else ""))
-    fitting = largest_micro_batch(budget, max(args.batch_size, 1), **options)
+        rows.append(("framework (TensorFlow, Keras, keras-hub)", estimate.framework))
+    for name, value in rows:
+        print(f"  {name:<66}{value / GIB:>9.3f} GiB")
+    print(f"  {'total (the rows without an indent)':<66}{estimate.total / GIB:>9.3f} GiB")
+    print(f"  {'of which training adds to the loaded model (tfft.train logs it)':<66}"
+          f"{estimate.training / GIB:>9.3f} GiB")
+
+    fitting = largest_micro_batch(budget, args.batch_size, **options)
     print(f"Budget: {budget / GIB:.1f} GiB ({source}). Largest micro-batch that fits: "
           f"{fitting if fitting else 'none, even 1 does not fit'}"
           + (" (the whole batch)" if fitting == args.batch_size else "") + ".")
-    if estimate.total > budget:
-        print("This configuration does not fit: lower --micro-batch-size or --max-length, or use "
-              "mixed precision, gradient checkpointing or LoRA.")
-    return 0
-
+    if estimate.total <= budget:
+        return 0
+    if fitting:
+        print(f"This configuration does not fit: pass --micro-batch-size {fitting}, or lower "
+              "--max-length, or use mixed precision, gradient checkpointing or LoRA.")
+    else:
+        fixed = estimate_memory(micro_batch_size=1, **{**options, "length": 8})
+        print(f"Even a micro-batch of 1 does not fit. The parts that no batch option lowers "
+              f"(framework, weights, gradients, optimizer state, runtime) take about "
+              f"{fixed.total / GIB:.2f} GiB. Raise --memory"
+              + ("." if args.lora_rank else ", or use LoRA (--lora-rank) to shrink the gradients and optimizer state."))
+    return 1
 
 if __name__ == "__main__":
     sys.exit(main())

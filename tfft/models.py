@@ -92,6 +92,33 @@ def check_model_folder(folder: str | Path, option: str = "--model") -> list[str]
     return []
 
 
+def check_max_length(folder: str | Path, max_length: int) -> list[str]:
+    """Checks `--max-length` against the positions of a checked model folder.
+
+    Returns:
+        One sentence when the model has fewer position embeddings than
+        `max_length`, else an empty list (also when config.json does not
+        state the positions).
+    """
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    if isinstance(config.get("config"), dict):  # keras-hub preset
+        positions = config["config"].get("max_sequence_length")
+    else:
+        positions = config.get("max_position_embeddings")
+        # RoBERTa numbers positions from the padding id + 1, so two are never used.
+        if config.get("model_type") in ("roberta", "xlm-roberta") and isinstance(positions, int):
+            positions -= 2
+    if isinstance(positions, int) and isinstance(max_length, int) and max_length > positions:
+        return [
+            f"--max-length: the model in {str(folder)!r} has {positions} positions, received "
+            f"{max_length}. Pass --max-length {positions} or less."
+        ]
+    return []
+
+
 def load_classifier(
     folder: str | Path,
     num_labels: int,

@@ -33,7 +33,7 @@ from tfft.data.sources import (
     read_examples,
     resolve_data_paths,
 )
-from tfft.models import bundled_model_dir, check_model_folder
+from tfft.models import bundled_model_dir, check_max_length, check_model_folder
 
 __all__ = ["RunPlan", "RunResult", "main", "prepare_run", "run"]
 
@@ -80,7 +80,10 @@ def prepare_run(
     """
     problems = list(problems or []) + validate_options(config)
     model_dir = Path(config.model) if config.model else bundled_model_dir()
-    problems += check_model_folder(model_dir)
+    model_problems = check_model_folder(model_dir)
+    problems += model_problems
+    if not model_problems:
+        problems += check_max_length(model_dir, config.max_length)
 
     train_spec, eval_spec, data_problems = resolve_data_paths(
         config.train_data, config.eval_data, config.text_columns, config.label_column
