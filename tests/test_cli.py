@@ -155,8 +155,8 @@ def test_regularization_options_together(tiny_preset, tmp_path):
 
 def test_unmatched_decay_pattern_is_reported(tiny_preset, tmp_path, capsys):
     status = train.main(
-        ["--model", str(tiny_preset), "--max-steps", "1", "--weight-decay-exclude", "LayerNorm.weight",
-         "--output-dir", str(tmp_path / "run")]
+        ["--model", str(tiny_preset), "--max-steps", "1", "--max-length", "16",
+         "--weight-decay-exclude", "LayerNorm.weight", "--output-dir", str(tmp_path / "run")]
     )
     assert status == 2
     error = capsys.readouterr().err
