@@ -176,7 +176,7 @@ class MemoryEstimate:
     activations: int
     backward_workspace: int
     update: int
-    runtime_overhead: int
+    graph_overhead: int
     framework: int
 
     @property
@@ -188,6 +188,11 @@ class MemoryEstimate:
     def tensors(self) -> int:
         """Bytes of tensors that training adds to a loaded model, at the step's peak."""
         return self.gradients + self.optimizer_state + self.step_peak
+
+    @property
+    def runtime_overhead(self) -> int:
+        """Bytes the process holds beyond its tensors: the step's graphs and allocator slack."""
+        return self.graph_overhead + int(ALLOCATOR_SLACK * self.tensors)
 
     @property
     def training(self) -> int:
@@ -269,8 +274,6 @@ def estimate_memory(
     # LoRA freezes the embeddings; its largest trainable variable is an adapter or the head.
     largest = shape.vocabulary_size * h if lora_rank is None else max(h * shape.heads * lora_rank, h * num_labels)
     update = 8 * trainable + 2 * 4 * largest
-    tensors = 4 * trainable + 8 * trainable + max(activations + workspace, update)
-    graphs = GRAPH_BYTES_PER_LAYER * shape.layers if device == "cpu" else 0
     return MemoryEstimate(
         parameters=parameters,
         trainable_parameters=trainable,
@@ -281,7 +284,7 @@ def estimate_memory(
         activations=activations,
         backward_workspace=workspace,
         update=update,
-        runtime_overhead=graphs + int(ALLOCATOR_SLACK * tensors),
+        graph_overhead=GRAPH_BYTES_PER_LAYER * shape.layers if device == "cpu" else 0,
         framework=FRAMEWORK_BYTES if device == "cpu" else 0,
     )
 

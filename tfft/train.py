@@ -445,9 +445,9 @@ def _log_memory_estimate(plan: RunPlan, micro_batch_size: int) -> None:
     # TensorFlow and the weights are already in this process, so on the CPU
     # only what training adds must fit in the memory available now.
     if on_gpu:
-        required, available, where = estimate.weights + estimate.training, gpu_memory(), "on the GPU"
+        required, available, budget_label = estimate.weights + estimate.training, gpu_memory(), "on the GPU"
     else:
-        required, available, where = estimate.training, available_memory(), "available"
+        required, available, budget_label = estimate.training, available_memory(), "available"
     logger.info(
         "estimated memory for training at micro-batch %d x %d tokens: %.2f GiB (python -m tfft.estimate)",
         micro_batch_size,
@@ -461,7 +461,7 @@ def _log_memory_estimate(plan: RunPlan, micro_batch_size: int) -> None:
             "--gradient-checkpointing or --lora-rank.",
             required / GIB,
             available / GIB,
-            where,
+            budget_label,
             " (out-of-memory recovery then halves the micro-batch)" if config.oom_retry else "",
         )
 
